@@ -1,0 +1,1 @@
+"""Control plane and entry points of moe-serve (deployment, supervisor, CLI)."""

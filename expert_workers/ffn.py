@@ -1,0 +1,118 @@
+"""Expert FFN compute: one dense FFN, and the experts of a group as one grouped computation.
+
+Legend: N rows (token-expert assignments, sorted by expert), D hidden, I expert width,
+E_l experts held by this computation (local slots).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from expert_workers.errors import ConfigError
+from expert_workers.weights import ExpertWeights
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+GROUPED_IMPLS = ("auto", "loop", "grouped_mm")
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(field="activation", value=name, expected=f"one of {tuple(_ACTIVATIONS)}") from None
+
+
+def _mlp_tail(h: torch.Tensor, act: Callable, gated: bool) -> torch.Tensor:
+    """h (N, 2I) = [x W_gate^T, x W_up^T] -> (N, I); or h (N, I) -> act(h) when ungated."""
+    if not gated:
+        return act(h)
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def ffn(x_ND: torch.Tensor, w: ExpertWeights, *, activation: str, gated: bool) -> torch.Tensor:
+    """One FFN. x (N, D) -> (N, D)."""
+    h = F.linear(x_ND, w.w_in)
+    return F.linear(_mlp_tail(h, activation_fn(activation), gated), w.w_out)
+
+
+class GroupedExperts:
+    """The experts of one group, stacked, run over rows sorted by expert.
+
+    Two implementations behind `impl`, both over one contiguous slice per expert:
+    `loop` runs one GEMM per expert with a non-empty slice (the readable reference,
+    and the fastest on CPU, measured in bench/local_engine.py); `grouped_mm` runs
+    torch's grouped GEMM kernel in one call (for CUDA). `auto` picks `grouped_mm`
+    on CUDA and `loop` elsewhere.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[ExpertWeights],
+        *,
+        activation: str,
+        gated: bool,
+        impl: str = "auto",
+    ) -> None:
+        if impl not in GROUPED_IMPLS:
+            raise ConfigError(field="impl", value=impl, expected=f"one of {GROUPED_IMPLS}")
+        if not experts:
+            raise ConfigError(field="experts", value=[], expected="at least one expert")
+        self.w_in_EFD = torch.stack([e.w_in for e in experts])  # (E_l, 2I or I, D)
+        self.w_out_EDI = torch.stack([e.w_out for e in experts])  # (E_l, D, I)
+        self.act = activation_fn(activation)
+        self.gated = gated
+        if impl == "auto":
+            impl = "grouped_mm" if self.w_in_EFD.is_cuda and hasattr(F, "grouped_mm") else "loop"
+        self.impl = impl
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in_EFD.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_in_EFD.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_in_EFD.dtype
+
+    def forward(self, x_ND: torch.Tensor, counts_E: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Rows of x sorted by local expert, `counts_E[e]` rows for expert e -> (N, D).
+
+        NOTE: counts must be host integers for the loop (one host sync per batch);
+        sum(counts) must equal N or rows would be read out of bounds.
+        """
+        counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else list(counts_E)
+        if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
+            raise ValueError(f"counts {counts} do not cover {x_ND.shape[0]} rows over {self.num_experts} experts")
+        if self.impl == "grouped_mm":
+            return self._forward_grouped_mm(x_ND, counts)
+        return self._forward_loop(x_ND, counts)
+
+    def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        out_ND = x_ND.new_empty(x_ND.shape)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            h = torch.mm(x_ND[rows], self.w_in_EFD[e].t())
+            torch.mm(_mlp_tail(h, self.act, self.gated), self.w_out_EDI[e].t(), out=out_ND[rows])
+            start += n
+        return out_ND
+
+    def _forward_grouped_mm(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_ND, self.w_in_EFD.transpose(-2, -1), offs=offs)
+        a = _mlp_tail(h, self.act, self.gated)
+        return F.grouped_mm(a, self.w_out_EDI.transpose(-2, -1), offs=offs)
