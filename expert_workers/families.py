@@ -55,12 +55,20 @@ class Family:
         return f"model.layers.{layer}.{self.block}.{self.shared_gate}.weight"
 
 
-def _get(cfg: Mapping[str, Any], key: str, where: str, default: Any = ...) -> Any:
-    if key in cfg and cfg[key] is not None:
-        return cfg[key]
+def _get(cfg: Mapping[str, Any], key: str | tuple[str, ...], where: str, default: Any = ...) -> Any:
+    """The first of `key` (or of its alternative spellings) that config.json sets."""
+    keys = (key,) if isinstance(key, str) else key
+    for k in keys:
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
     if default is ...:
-        raise CheckpointError(path=where, problem=f"config.json lacks required key '{key}'")
+        raise CheckpointError(path=where, problem=f"config.json lacks required key '{keys[0]}'")
     return default
+
+
+# NOTE: newer transformers releases write `num_local_experts` where older checkpoints say
+# `num_experts` / `n_routed_experts`; both spellings are real checkpoints in the wild.
+_NUM_EXPERTS = ("num_experts", "num_local_experts")
 
 
 def _activation(cfg: Mapping[str, Any], where: str) -> str:
@@ -82,7 +90,7 @@ def _mixtral(cfg: Mapping[str, Any], where: str) -> MoESpec:
         family="mixtral",
         hidden_size=_get(cfg, "hidden_size", where),
         intermediate_size=_get(cfg, "intermediate_size", where),
-        num_experts=_get(cfg, "num_local_experts", where),
+        num_experts=_get(cfg, ("num_local_experts", "num_experts"), where),
         num_layers=n,
         moe_layers=tuple(range(n)),
         activation=_activation(cfg, where),
@@ -95,7 +103,7 @@ def _qwen_like(family: str, shared: bool) -> Callable[[Mapping[str, Any], str], 
         n = _get(cfg, "num_hidden_layers", where)
         step = _get(cfg, "decoder_sparse_step", where, 1)
         dense = set(_get(cfg, "mlp_only_layers", where, []))
-        num_experts = _get(cfg, "num_experts", where)
+        num_experts = _get(cfg, _NUM_EXPERTS, where)
         layers = tuple(i for i in range(n) if i not in dense and num_experts > 0 and (i + 1) % step == 0)
         shared_spec = SharedExpertSpec()
         if shared:
@@ -128,7 +136,7 @@ def _olmoe(cfg: Mapping[str, Any], where: str) -> MoESpec:
         family="olmoe",
         hidden_size=_get(cfg, "hidden_size", where),
         intermediate_size=_get(cfg, "intermediate_size", where),
-        num_experts=_get(cfg, "num_experts", where),
+        num_experts=_get(cfg, _NUM_EXPERTS, where),
         num_layers=n,
         moe_layers=tuple(range(n)),
         activation=_activation(cfg, where),
@@ -151,7 +159,7 @@ def _deepseek_v3(cfg: Mapping[str, Any], where: str) -> MoESpec:
         family="deepseek_v3",
         hidden_size=_get(cfg, "hidden_size", where),
         intermediate_size=width,
-        num_experts=_get(cfg, "n_routed_experts", where),
+        num_experts=_get(cfg, ("n_routed_experts", "num_local_experts"), where),
         num_layers=n,
         moe_layers=tuple(range(first_moe, n)),
         activation=_activation(cfg, where),
