@@ -100,14 +100,23 @@ class GroupedExperts:
         return self._forward_loop(x_ND, counts)
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # NOTE: computed transposed, h^T = W_in @ x^T (2I, n), so the GEMM's long side
+        # is the weight's 2I rows: with few rows per expert (decode) the CPU GEMM then
+        # splits the weight over threads and streams it at memory speed, where x @ W^T
+        # ran at half of that (bench/local_engine.py). Gate and up are contiguous halves.
         out_ND = x_ND.new_empty(x_ND.shape)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             rows = slice(start, start + n)
-            h = torch.mm(x_ND[rows], self.w_in_EFD[e].t())
-            torch.mm(_mlp_tail(h, self.act, self.gated), self.w_out_EDI[e].t(), out=out_ND[rows])
+            h_Fn = torch.mm(self.w_in_EFD[e], x_ND[rows].t())
+            if self.gated:
+                gate, up = h_Fn.chunk(2, dim=0)
+                a_In = self.act(gate).mul_(up)
+            else:
+                a_In = self.act(h_Fn)
+            out_ND[rows] = torch.mm(self.w_out_EDI[e], a_In).t()
             start += n
         return out_ND
 

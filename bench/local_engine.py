@@ -1,0 +1,164 @@
+"""Benchmark: LocalMoE vs transformers' MixtralSparseMoeBlock on the same weights.
+
+A Mixtral-shaped layer (hidden 1024, expert width 2816, 8 experts, top-2), float32,
+16 and 4096 tokens; median of several repeats after warm-up, both engines timed
+alternately in one run. The machine's own ceilings are measured in the same run:
+a plain 4096 x hidden x width GEMM (GFLOP/s) and a large memory copy (GB/s).
+
+Targets (checked here, exit status 1 if missed):
+  - LocalMoE >= 0.95x the faster transformers implementation, at both sizes;
+  - >= 85% of the measured GEMM rate at 4096 tokens;
+  - at 16 tokens, within 1.3x of (weight bytes read / measured copy bandwidth).
+
+    python bench/local_engine.py [--repeats 7] [--out bench/results/local_engine.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+HIDDEN, WIDTH, EXPERTS, TOP_K = 1024, 2816, 8, 2
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def gemm_gflops(repeats: int) -> float:
+    a, b = torch.randn(4096, HIDDEN), torch.randn(HIDDEN, WIDTH)
+    out = torch.empty(4096, WIDTH)
+    torch.mm(a, b, out=out)
+    t = statistics.median(_median_time(lambda: torch.mm(a, b, out=out), repeats))
+    return 2 * 4096 * HIDDEN * WIDTH / t / 1e9
+
+
+def copy_gbps(repeats: int, nbytes: int = 512 * 2**20) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = statistics.median(_median_time(lambda: dst.copy_(src), repeats))
+    return nbytes / t / 1e9
+
+
+def build(tmp: str):
+    """A one-layer Mixtral saved in the Hugging Face layout; the HF block and LocalMoE over the same file."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from router_svc import LocalMoE
+
+    cfg = MixtralConfig(hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=1, num_local_experts=EXPERTS,
+                        num_experts_per_tok=TOP_K, num_attention_heads=8, num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.normal_(0, HIDDEN ** -0.5)
+    model.save_pretrained(tmp)
+    return model, LocalMoE.from_pretrained(tmp)
+
+
+def run(repeats: int) -> dict:
+    torch.set_grad_enabled(False)
+    ceilings = {"gemm_gflops": gemm_gflops(repeats), "copy_gbps": copy_gbps(repeats)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, moe = build(tmp)
+    block = model.model.layers[0].mlp
+    default_impl = model.config._experts_implementation or "eager"
+    rows = []
+    for tokens in (16, 4096):
+        x = torch.randn(1, tokens, HIDDEN)
+        engines: dict[str, Callable[[], object]] = {"local_moe": lambda: moe.forward(x[0], 0)}
+        for impl in sorted({default_impl, "eager"}):
+            def hf_call(impl: str = impl) -> object:
+                model.set_experts_implementation(impl)
+                return block(x)
+            engines[f"transformers[{impl}]"] = hf_call
+        ref = engines["transformers[eager]"]()
+        err = float((moe.forward(x[0], 0) - ref[0]).norm() / ref.norm())
+        for fn in engines.values():  # warm-up
+            fn()
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(repeats):  # alternate so drift hits every engine alike
+            for name, fn in engines.items():
+                times[name] += _median_time(fn, 1)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        best_hf = min(v for k, v in med.items() if k.startswith("transformers"))
+        with torch.no_grad():
+            _, report = moe.forward(x[0], 0, return_routing=True)
+        hit = sum(1 for c in report.stats.tokens_per_expert if c > 0)
+        weight_bytes = hit * 3 * HIDDEN * WIDTH * 4
+        flops = 2 * tokens * TOP_K * 3 * HIDDEN * WIDTH
+        rows.append({
+            "tokens": tokens,
+            "median_s": med,
+            "all_s": times,
+            "tokens_per_s": {k: tokens / v for k, v in med.items()},
+            "ratio_vs_best_transformers": best_hf / med["local_moe"],
+            "gflops_local_moe": flops / med["local_moe"] / 1e9,
+            "fraction_of_gemm_ceiling": flops / med["local_moe"] / 1e9 / ceilings["gemm_gflops"],
+            "weight_bytes_read": weight_bytes,
+            "time_over_weight_read_bound": med["local_moe"] / (weight_bytes / (ceilings["copy_gbps"] * 1e9)),
+            "rel_err_vs_transformers": err,
+        })
+    return {"ceilings": ceilings, "rows": rows, "repeats": repeats}
+
+
+def check(result: dict) -> list[tuple[str, float, str, bool]]:
+    small, large = result["rows"]
+    return [
+        ("16 tok: ratio vs transformers", small["ratio_vs_best_transformers"], ">= 0.95", small["ratio_vs_best_transformers"] >= 0.95),
+        ("4096 tok: ratio vs transformers", large["ratio_vs_best_transformers"], ">= 0.95", large["ratio_vs_best_transformers"] >= 0.95),
+        ("4096 tok: fraction of GEMM ceiling", large["fraction_of_gemm_ceiling"], ">= 0.85", large["fraction_of_gemm_ceiling"] >= 0.85),
+        ("16 tok: time / weight-read bound", small["time_over_weight_read_bound"], "<= 1.30", small["time_over_weight_read_bound"] <= 1.3),
+        ("fp32 rel. error vs transformers", max(r["rel_err_vs_transformers"] for r in result["rows"]), "< 1e-5",
+         max(r["rel_err_vs_transformers"] for r in result["rows"]) < 1e-5),
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7, help="timed repeats per engine and size (median; >= 5)")
+    ap.add_argument("--out", default="bench/results/local_engine.json", help="where to write the JSON result")
+    args = ap.parse_args()
+    if args.repeats < 5:
+        ap.error("--repeats must be >= 5")
+    result = run(args.repeats)
+    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    c = result["ceilings"]
+    print(f"machine ceilings: GEMM {c['gemm_gflops']:.1f} GFLOP/s (4096x{HIDDEN}x{WIDTH}), copy {c['copy_gbps']:.2f} GB/s")
+    names = list(result["rows"][0]["median_s"])
+    print(f"{'tokens':>7} " + " ".join(f"{n + ' ms':>26}" for n in names) + f" {'ratio':>7} {'GFLOP/s':>8} {'%GEMM':>6} {'t/bound':>8}")
+    for r in result["rows"]:
+        print(f"{r['tokens']:>7} " + " ".join(f"{1e3 * r['median_s'][n]:>26.2f}" for n in names)
+              + f" {r['ratio_vs_best_transformers']:>7.3f} {r['gflops_local_moe']:>8.1f} {100 * r['fraction_of_gemm_ceiling']:>5.1f}%"
+              + f" {r['time_over_weight_read_bound']:>8.2f}")
+    checks = check(result)
+    result["targets"] = [{"target": n, "value": v, "goal": g, "met": ok} for n, v, g, ok in checks]
+    for name, value, goal, ok in checks:
+        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {value:.4g} (goal {goal})")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0 if all(ok for *_, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
