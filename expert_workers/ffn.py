@@ -73,8 +73,13 @@ class GroupedExperts:
         self.act = activation_fn(activation)
         self.gated = gated
         if impl == "auto":
-            impl = "grouped_mm" if self.w_in_EFD.is_cuda and hasattr(F, "grouped_mm") else "loop"
+            impl = "grouped_mm" if self.w_in_EFD.is_cuda and hasattr(F, "grouped_mm") and self._aligned() else "loop"
         self.impl = impl
+
+    def _aligned(self) -> bool:
+        """grouped_mm needs every row stride to be a multiple of 16 bytes."""
+        size = self.w_in_EFD.element_size()
+        return all((dim * size) % 16 == 0 for dim in self.w_out_EDI.shape[1:])
 
     @property
     def num_experts(self) -> int:

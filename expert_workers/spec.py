@@ -201,7 +201,7 @@ class MoESpec:
         routing = _sub(RoutingSpec, data.pop("routing", {}), "routing")
         shared = _sub(SharedExpertSpec, data.pop("shared_experts", {}), "shared_experts")
         act = data.get("activation", "silu")
-        if act in ACTIVATION_ALIASES:
+        if isinstance(act, str) and act in ACTIVATION_ALIASES:
             base, gated = ACTIVATION_ALIASES[act]
             data["activation"] = base
             if gated is not None:
