@@ -50,3 +50,42 @@ def combine(y_ND: torch.Tensor, plan: ExpertPlan, tokens: int) -> torch.Tensor:
     out_TD = y_ND.new_zeros((tokens, y_ND.shape[1]))
     weighted = y_ND * plan.weight_N.to(y_ND.dtype)[:, None]
     return out_TD.index_add_(0, plan.token_N, weighted)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Assignments sorted by (group, local slot): rows of group g are contiguous, its slots in order.
+
+    token_N/weight_N: per sorted row; parts: (group, start, end, experts, counts) per group with rows.
+    """
+
+    token_N: torch.Tensor
+    weight_N: torch.Tensor
+    parts: tuple  # tuple[transports.base.Part, ...]; typed loosely to keep this module transport-free
+
+
+def plan_by_group(token_N: torch.Tensor, expert_N: torch.Tensor, weight_N: torch.Tensor, *,
+                  group_of: torch.Tensor, local_of: torch.Tensor, orders: list[list[int]],
+                  part_type: type) -> GroupPlan:
+    """Map each assignment's expert (index num_experts = the shared slot) to its (group, local slot) and sort.
+
+    One stable sort and one bincount; the only host sync is reading the per-slot counts.
+    """
+    g_N = group_of[expert_N]
+    if bool((g_N < 0).any()):
+        missing = sorted({int(e) for e in expert_N[g_N < 0].tolist()})
+        raise LookupError(f"no expert group hosts experts {missing}")
+    slots = int(local_of.max()) + 1
+    key_N = g_N * slots + local_of[expert_N]
+    key_sorted, order = torch.sort(key_N, stable=True)
+    counts_GS = torch.bincount(key_sorted, minlength=len(orders) * slots).view(len(orders), slots).tolist()
+    parts, start = [], 0
+    for g, row in enumerate(counts_GS):
+        n = sum(row)
+        if n == 0:
+            continue
+        experts = tuple(e for i, e in enumerate(orders[g]) if row[i])
+        counts = tuple(c for c in row if c)
+        parts.append(part_type(group=g, start=start, end=start + n, experts=experts, counts=counts))
+        start += n
+    return GroupPlan(token_N=token_N[order], weight_N=weight_N[order], parts=tuple(parts))

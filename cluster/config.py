@@ -1,0 +1,142 @@
+"""The deployment config: one YAML file (or a dict of the same schema), validated once, here.
+
+    model:       {path: DIR}  or  {random: {MoESpec fields}, seed: 0};  dtype: float32
+    routing:     overrides of the model's routing spec (policy, capacity_factor, overflow, ...)
+    deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us,
+                 device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
+                 router_cpus, grpc_host
+
+Errors name the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from expert_workers.errors import ConfigError
+from expert_workers.source import SourceSpec
+from expert_workers.spec import MoESpec, RoutingSpec
+from router_svc.config import SHARED_PLACEMENTS, TRANSPORT_MODES
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: str | None = None
+    random: MoESpec | None = None
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.random is None):
+            raise ConfigError(field="model", value={"path": self.path, "random": self.random is not None},
+                              expected="exactly one of 'path' (a Hugging Face checkpoint directory) or 'random' (MoESpec fields)")
+        if self.path is not None and not os.path.isdir(self.path):
+            raise ConfigError(field="model.path", value=self.path, expected="an existing checkpoint directory")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(field="model.seed", value=self.seed, expected="an integer")
+        if self.dtype not in DTYPES:
+            raise ConfigError(field="model.dtype", value=self.dtype, expected=f"one of {DTYPES}")
+
+    def source(self) -> SourceSpec:
+        return SourceSpec(path=self.path, random=self.random, seed=self.seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentSettings:
+    name: str = "moe"
+    expert_groups: int = 2
+    routers: int = 1
+    transport: str = "auto"
+    batch_max_tokens: int = 4096
+    batch_max_wait_us: int = 500
+    device: str = "auto"
+    shared_experts: str = "router"
+    # Ray resources per actor; a CPU group runs torch with int(group_cpus) threads (at least 1).
+    group_cpus: float = 1.0
+    group_gpus: float = 1.0
+    router_cpus: float = 1.0
+    # address the groups' gRPC data plane binds to (loopback, or the node's IP on a real cluster).
+    grpc_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        p = "deployment."
+        if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(field=p + "name", value=self.name, expected="letters, digits, '-' or '_'")
+        for name in ("expert_groups", "routers", "batch_max_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(field=p + name, value=v, expected="an integer >= 1")
+        v = self.batch_max_wait_us
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(field=p + "batch_max_wait_us", value=v, expected="an integer >= 0")
+        if self.transport not in TRANSPORT_MODES:
+            raise ConfigError(field=p + "transport", value=self.transport, expected=f"one of {TRANSPORT_MODES}")
+        if self.device not in DEVICES:
+            raise ConfigError(field=p + "device", value=self.device, expected=f"one of {DEVICES}")
+        if self.shared_experts not in SHARED_PLACEMENTS:
+            raise ConfigError(field=p + "shared_experts", value=self.shared_experts, expected=f"one of {SHARED_PLACEMENTS}")
+        for name in ("group_cpus", "group_gpus", "router_cpus"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(field=p + name, value=v, expected="a number >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    model: ModelConfig
+    routing: Mapping[str, Any] = field(default_factory=dict)
+    deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
+
+    def routing_spec(self, base: RoutingSpec) -> RoutingSpec | None:
+        """The model's routing spec with this config's overrides; None when there are none."""
+        return dataclasses.replace(base, **self.routing) if self.routing else None
+
+
+def _section(cls: type, data: Any, name: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(field=name, value=data, expected="a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(field=f"{name}.{key}", value=data[key], expected=f"no such field; known fields: {sorted(known)}")
+    return data
+
+
+def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig) -> ServiceConfig:
+    """A YAML path or a dict -> ServiceConfig, or a ConfigError naming the first bad field."""
+    if isinstance(config, ServiceConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config, encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(field="config", value=os.fspath(config), expected="an existing YAML file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(field="config", value=os.fspath(config), expected=f"valid YAML ({e})") from None
+    if not isinstance(config, Mapping):
+        raise ConfigError(field="config", value=config, expected="a mapping with 'model', 'routing', 'deployment'")
+    for key in config:
+        if key not in ("model", "routing", "deployment"):
+            raise ConfigError(field=str(key), value=config[key], expected="one of the sections 'model', 'routing', 'deployment'")
+    m = dict(_section(ModelConfig, config.get("model"), "model"))
+    if isinstance(m.get("random"), Mapping):
+        m["random"] = MoESpec.from_dict(m["random"])
+    model = ModelConfig(**m)
+    routing = dict(_section(RoutingSpec, config.get("routing"), "routing"))
+    deployment = DeploymentSettings(**_section(DeploymentSettings, config.get("deployment"), "deployment"))
+    cfg = ServiceConfig(model=model, routing=routing, deployment=deployment)
+    if model.random is not None and routing:
+        cfg.routing_spec(model.random.routing)  # validates the overrides now
+        dataclasses.replace(model.random, routing=cfg.routing_spec(model.random.routing))
+    return cfg

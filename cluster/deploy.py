@@ -1,0 +1,211 @@
+"""deploy(config) -> Deployment: expert groups, routers and their wiring on a Ray cluster.
+
+On the current Ray cluster, the one at `address`, or an embedded local one when none
+is running. Actors live in the namespace `moe-serve`, named `<name>-group-<i>` and
+`<name>-router-<i>`; `Deployment.shutdown()` removes every actor it made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import uuid
+from dataclasses import replace
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from cluster.config import ServiceConfig, load_config
+from cluster.placement import all_slots, spread
+from expert_workers import wire
+from expert_workers.group import ExpertGroup
+from expert_workers.source import open_source
+from expert_workers.spec import MoESpec
+from router_svc.config import DataPlaneConfig
+from router_svc.local import RoutingReport
+from router_svc.router import ForwardOutput, Router
+from router_svc.table import GroupRef, RoutingTable
+
+NAMESPACE = "moe-serve"
+log = logging.getLogger(__name__)
+
+
+def _ensure_ray(address: str | None, cpus_needed: float) -> bool:
+    """Connect to Ray (or start an embedded local instance). Returns True if this call started it."""
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, namespace=NAMESPACE)
+        return False
+    cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+    ray.init(namespace=NAMESPACE, num_cpus=cpus, include_dashboard=False)
+    return True
+
+
+def _resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+
+
+def deploy(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig, address: str | None = None) -> "Deployment":
+    cfg = load_config(config)
+    d = cfg.deployment
+    started = _ensure_ray(address, d.expert_groups * d.group_cpus + d.routers * d.router_cpus)
+    try:
+        dep = _create(cfg)
+        dep.started_ray = started
+        return dep
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+
+
+def _create(cfg: ServiceConfig) -> "Deployment":
+    d = cfg.deployment
+    source = cfg.model.source()
+    spec: MoESpec = open_source(source).spec
+    routing = cfg.routing_spec(spec.routing)
+    if routing is not None:
+        spec = replace(spec, routing=routing)
+    device = _resolve_device(d.device)
+    run_id = uuid.uuid4().hex[:6]
+    name = f"{d.name}-{run_id}"
+    placement = spread(all_slots(spec, shared_as_slot=d.shared_experts == "slot"), d.expert_groups)
+    group_cls = ray.remote(ExpertGroup)
+    groups, routers = [], []
+    try:
+        for i, slots in enumerate(placement):
+            opts: dict[str, Any] = {"name": f"{name}-group-{i}", "namespace": NAMESPACE, "num_cpus": d.group_cpus}
+            if device == "cuda":
+                opts["num_gpus"] = d.group_gpus
+            groups.append(group_cls.options(**opts).remote(
+                f"{name}-group-{i}", source, slots, device=device, dtype=cfg.model.dtype,
+                num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
+            ))
+        infos = ray.get([g.info.remote() for g in groups])
+        table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
+        dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
+                             device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts)
+        router_cls = ray.remote(Router)
+        for i in range(d.routers):
+            routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, num_cpus=d.router_cpus,
+                                              max_concurrency=1000).remote(
+                f"{name}-router-{i}", source, routing, table, groups, dp, NAMESPACE))
+        ray.get([r.start.remote() for r in routers])
+    except BaseException:
+        for actor in routers + groups:
+            ray.kill(actor)
+        raise
+    return Deployment(name=name, spec=spec, config=cfg, groups=groups, routers=routers, table=table, device=device)
+
+
+class Deployment:
+    """A running deployment. `forward` has LocalMoE's signature and semantics."""
+
+    def __init__(self, *, name: str, spec: MoESpec, config: ServiceConfig, groups: list, routers: list,
+                 table: RoutingTable, device: str) -> None:
+        self.name = name
+        self.spec = spec
+        self.config = config
+        self.groups = groups
+        self.routers = routers
+        self.table = table
+        self.device = device
+        self._next = itertools.count()
+        self._closed = False
+        # True when deploy() started an embedded Ray for this deployment; shutdown() then stops it.
+        self.started_ray = False
+
+    def submit(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
+               return_routing: bool = False, request_id: str = "") -> ray.ObjectRef:
+        """Send a request to the next router; returns the ObjectRef of its ForwardOutput."""
+        if isinstance(hidden_states, torch.Tensor):
+            x, dtype = wire.to_numpy(hidden_states)
+        elif isinstance(hidden_states, np.ndarray):
+            x, dtype = hidden_states, str(hidden_states.dtype)
+        else:
+            x, dtype = hidden_states, "float32"
+        ids = token_ids.cpu().numpy() if isinstance(token_ids, torch.Tensor) else token_ids
+        router = self.routers[next(self._next) % len(self.routers)]
+        return router.forward.remote(x, dtype, layer, ids, return_routing, request_id)
+
+    def result(self, ref: ray.ObjectRef, like: Any, return_routing: bool = False, timeout: float | None = None) -> Any:
+        try:
+            out: ForwardOutput = ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
+        y = wire.from_numpy(out.hidden_states, out.dtype)
+        value: Any = y.numpy() if isinstance(like, np.ndarray) else y.clone()
+        if not return_routing:
+            return value
+        report = RoutingReport(
+            token_index=torch.from_numpy(np.array(out.token_index)), expert=torch.from_numpy(np.array(out.expert)),
+            weight=torch.from_numpy(np.array(out.weight)), stats=out.stats,
+        )
+        return value, report
+
+    def forward(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
+                return_routing: bool = False) -> Any:
+        ref = self.submit(hidden_states, layer, token_ids, return_routing)
+        return self.result(ref, hidden_states, return_routing)
+
+    __call__ = forward
+
+    def forward_output(self, hidden_states: torch.Tensor, layer: int, token_ids: Any = None) -> ForwardOutput:
+        """The router's full answer (transport used, batch size, table version) for one request."""
+        try:
+            return ray.get(self.submit(hidden_states, layer, token_ids, False))
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        groups = []
+        for i, g in enumerate(self.groups):
+            entry: dict[str, Any] = {"name": self.table.groups[i].name, "node_id": self.table.groups[i].node_id,
+                                     "slots": [list(s) for s in self.table.placement[i]], "device": self.device}
+            try:
+                entry.update(alive=True, **ray.get(g.stats.remote(), timeout=timeout))
+            except Exception as e:
+                entry.update(alive=False, error=str(e))
+            groups.append(entry)
+        routers = []
+        for r in self.routers:
+            try:
+                routers.append({"alive": True, **ray.get(r.status.remote(), timeout=timeout)})
+            except Exception as e:
+                routers.append({"alive": False, "error": str(e)})
+        return {"name": self.name, "model": self.spec.family, "device": self.device,
+                "routing_table_version": self.table.version, "groups": groups, "routers": routers}
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for r in self.routers:
+            try:
+                ray.get(r.shutdown.remote(), timeout=10)
+            except Exception as e:
+                log.info("router shutdown: %s", e)
+        for g in self.groups:
+            try:
+                ray.get(g.shutdown.remote(), timeout=10)
+            except Exception as e:
+                log.info("group shutdown: %s", e)
+        for actor in self.routers + self.groups:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        if self.started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

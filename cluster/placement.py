@@ -1,0 +1,31 @@
+"""Placement: which expert group hosts which (layer, expert) slot. Pure functions, no Ray."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from expert_workers.group import SHARED
+from expert_workers.spec import MoESpec
+
+
+def all_slots(spec: MoESpec, *, shared_as_slot: bool) -> list[tuple[int, int]]:
+    """Every slot of the model, layer-major; a layer's shared experts are one slot (expert -1) if hosted."""
+    slots = [(layer, e) for layer in spec.moe_layers for e in range(spec.num_experts)]
+    if shared_as_slot and spec.shared_experts.count:
+        slots += [(layer, SHARED) for layer in spec.moe_layers]
+    return slots
+
+
+def spread(slots: Sequence[tuple[int, int]], num_groups: int) -> list[list[tuple[int, int]]]:
+    """Deal slots round-robin so group sizes differ by at most one and each layer spans the groups.
+
+    Slot i goes to group i mod G over the layer-major list, so consecutive experts of one
+    layer land on different groups (a layer's tokens fan out over all groups) and every
+    group gets a fair share of every layer.
+    """
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    groups: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]
+    for i, slot in enumerate(slots):
+        groups[i % num_groups].append(slot)
+    return groups

@@ -1,0 +1,184 @@
+"""ExpertGroup: a set of (layer, expert) slots in one process, run as a grouped computation.
+
+Legend: N rows sorted by local slot, D hidden.
+
+A group knows nothing of routing. It is handed rows already sorted by its local
+slot order (for each layer: routed experts ascending, then the shared expert, id
+SHARED) with the expert ids and row counts, and returns the rows' FFN outputs in
+the same order. `GroupCore` is the plain-Python part (testable without Ray);
+`ExpertGroup` is the Ray actor around it, reachable three ways: plain actor calls
+(object store), Ray Direct Transport (gloo on CPU, NCCL on GPU) and gRPC frames.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from expert_workers import data_grpc, wire
+from expert_workers.errors import InvalidRequestError
+from expert_workers.ffn import GroupedExperts, ffn
+from expert_workers.source import SourceSpec, open_source
+from expert_workers.weights import SharedWeights
+
+# expert id of a layer's shared experts when they are hosted as a slot.
+SHARED = -1
+
+
+def local_order(experts: Sequence[int]) -> list[int]:
+    """A group's slot order within one layer: routed experts ascending, the shared slot last."""
+    routed = sorted(e for e in experts if e != SHARED)
+    return routed + ([SHARED] if SHARED in experts else [])
+
+
+@dataclass
+class _LayerSlots:
+    experts: list[int]  # local order
+    grouped: GroupedExperts | None
+    shared: SharedWeights | None
+
+
+class GroupCore:
+    """Weights of the slots, the grouped compute over them, and per-slot counters."""
+
+    def __init__(self, source: SourceSpec, slots: Sequence[tuple[int, int]], *, device: str, dtype: str) -> None:
+        self.device = torch.device(device)
+        self.dtype = wire.DTYPES[dtype]
+        src = open_source(source)
+        self.spec = src.spec
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in slots:
+            by_layer.setdefault(int(layer), []).append(int(expert))
+        self.layers: dict[int, _LayerSlots] = {}
+        for layer, experts in sorted(by_layer.items()):
+            order = local_order(experts)
+            routed = [e for e in order if e != SHARED]
+            grouped = None
+            if routed:
+                weights = [src.expert(layer, e).to(dtype=self.dtype, device=self.device) for e in routed]
+                grouped = GroupedExperts(weights, activation=self.spec.activation, gated=self.spec.gated)
+            shared = None
+            if SHARED in order:
+                sw = src.shared(layer)
+                assert sw is not None, f"layer {layer} has no shared experts to host"
+                shared = SharedWeights(ffn=sw.ffn.to(dtype=self.dtype, device=self.device), gate=None)
+            self.layers[layer] = _LayerSlots(experts=order, grouped=grouped, shared=shared)
+        self.slots = [(layer, e) for layer, ls in self.layers.items() for e in ls.experts]
+        self._lock = threading.Lock()
+        self.tokens = {slot: 0 for slot in self.slots}
+        self.busy_s = 0.0
+        self.batches = 0
+
+    def compute(self, layer: int, experts: Sequence[int], counts: Sequence[int], x_ND: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by this group's slot order -> FFN outputs (N, D), same order and dtype as x."""
+        ls = self.layers.get(layer)
+        if ls is None:
+            raise InvalidRequestError(field="layer", problem=f"this group hosts no slot of layer {layer}")
+        if len(experts) != len(counts) or sum(counts) != x_ND.shape[0]:
+            raise InvalidRequestError(field="counts", problem=f"{len(experts)} experts, counts {list(counts)} for {x_ND.shape[0]} rows")
+        pos = {e: i for i, e in enumerate(ls.experts)}
+        missing = [e for e in experts if e not in pos]
+        if missing:
+            raise InvalidRequestError(field="experts", problem=f"layer {layer} experts {missing} are not hosted here (hosted: {ls.experts})")
+        idx = [pos[e] for e in experts]
+        if idx != sorted(idx) or len(set(idx)) != len(idx):
+            raise InvalidRequestError(field="experts", problem=f"experts {list(experts)} not in slot order {ls.experts}")
+        t0 = time.perf_counter()
+        x = x_ND.to(device=self.device, dtype=self.dtype)
+        out = torch.empty_like(x)
+        n_routed = len(ls.experts) - (1 if ls.shared is not None else 0)
+        full = [0] * len(ls.experts)
+        for i, c in zip(idx, counts):
+            full[i] = int(c)
+        split = sum(full[:n_routed])
+        with torch.no_grad():
+            if split:
+                out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
+            if split < x.shape[0]:
+                out[split:] = ffn(x[split:], ls.shared.ffn, activation=self.spec.activation, gated=self.spec.gated)  # type: ignore[union-attr]
+        dt = time.perf_counter() - t0
+        with self._lock:
+            for e, c in zip(experts, counts):
+                self.tokens[(layer, e)] += int(c)
+            self.busy_s += dt
+            self.batches += 1
+        return out.to(x_ND.dtype) if out.dtype != x_ND.dtype else out
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "tokens": [[layer, e, n] for (layer, e), n in self.tokens.items()],
+                "busy_s": self.busy_s,
+                "batches": self.batches,
+            }
+
+
+class ExpertGroup:
+    """The Ray actor hosting a GroupCore. Created by `cluster.deploy` with `ray.remote(ExpertGroup)`."""
+
+    def __init__(
+        self,
+        name: str,
+        source: SourceSpec,
+        slots: Sequence[tuple[int, int]],
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        num_threads: int = 1,
+        grpc_host: str = "127.0.0.1",
+    ) -> None:
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(num_threads)))
+        self.name = name
+        self.core = GroupCore(source, slots, device=device, dtype=dtype)
+        self._server, port = data_grpc.serve(self._grpc_forward, host=grpc_host)
+        self.grpc_address = f"{grpc_host}:{port}"
+
+    def info(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {
+            "name": self.name,
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "device": str(self.core.device),
+            "slots": [list(s) for s in self.core.slots],
+            "grpc_address": self.grpc_address,
+            "threads": torch.get_num_threads(),
+        }
+
+    def ping(self) -> bool:
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    def forward(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray, dtype: str) -> np.ndarray:
+        """Object-store path: numpy in (zero-copy read), numpy out."""
+        y = self.core.compute(layer, experts, counts, wire.from_numpy(x, dtype))
+        return wire.to_numpy(y)[0]
+
+    @ray.method(tensor_transport="gloo")
+    def forward_gloo(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """RDT path on CPU: the tensor arrives from and returns to a collective-group peer over gloo."""
+        return self.core.compute(layer, experts, counts, x)
+
+    @ray.method(tensor_transport="nccl")
+    def forward_nccl(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """RDT path on GPU: NCCL between GPUs (CUDA IPC where peers share one)."""
+        return self.core.compute(layer, experts, counts, x)
+
+    def _grpc_forward(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
+        x = wire.from_bytes(payload, header["dtype"], header["shape"])
+        y = self.core.compute(int(header["layer"]), header["experts"], header["counts"], x)
+        data, name, shape = wire.to_bytes(y)
+        return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", [])}, data
+
+    def shutdown(self) -> None:
+        self._server.stop(grace=0)

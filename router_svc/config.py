@@ -1,0 +1,38 @@
+"""Data-plane settings a Router runs with (validated where the deployment config enters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from expert_workers.errors import ConfigError
+
+TRANSPORT_MODES = ("auto", "rdt", "object_store", "grpc")
+SHARED_PLACEMENTS = ("router", "slot")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataPlaneConfig:
+    transport: str = "auto"
+    # a batch closes at this many tokens, or `batch_max_wait_us` after its first request.
+    batch_max_tokens: int = 4096
+    batch_max_wait_us: int = 500
+    # resolved device of the expert groups: "cpu" or "cuda".
+    device: str = "cpu"
+    dtype: str = "float32"
+    # where shared experts run: in the router, or as a slot on an expert group.
+    shared_experts: str = "router"
+
+    def __post_init__(self) -> None:
+        p = "deployment."
+        if self.transport not in TRANSPORT_MODES:
+            raise ConfigError(field=p + "transport", value=self.transport, expected=f"one of {TRANSPORT_MODES}")
+        for name in ("batch_max_tokens", "batch_max_wait_us"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_max_tokens" else 0):
+                raise ConfigError(field=p + name, value=v, expected="an integer >= 1" if name == "batch_max_tokens" else "an integer >= 0")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(field=p + "device", value=self.device, expected="'cpu' or 'cuda' once resolved")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(field="model.dtype", value=self.dtype, expected="one of ('float32', 'float16', 'bfloat16')")
+        if self.shared_experts not in SHARED_PLACEMENTS:
+            raise ConfigError(field=p + "shared_experts", value=self.shared_experts, expected=f"one of {SHARED_PLACEMENTS}")

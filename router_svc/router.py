@@ -1,0 +1,297 @@
+"""Router: the asyncio actor at the front of the data plane.
+
+admit -> batch (per layer: max tokens / max wait) -> gate per request -> capacity per
+request -> plan (sort by group, slot) -> dispatch to every group at once -> combine
+-> shared experts -> split back per request.
+
+NOTE: isolation. Gate, capacity and expert choice run per request, before requests
+are merged; merging only concatenates rows for dispatch. A request's output never
+depends on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from expert_workers import wire
+from expert_workers.errors import ExpertUnavailableError
+from expert_workers.source import SourceSpec, open_source
+from expert_workers.spec import MoESpec, RoutingSpec
+from expert_workers.weights import RouterWeights, SharedWeights
+from router_svc import admission
+from router_svc.config import DataPlaneConfig
+from router_svc.dispatch import plan_by_group
+from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
+from router_svc.local import shared_forward
+from router_svc.table import RoutingTable, layer_orders
+from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, Part, RdtTransport, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """One request's answer. Arrays are numpy (zero-copy through the object store)."""
+
+    hidden_states: np.ndarray
+    dtype: str
+    token_index: np.ndarray | None = None
+    expert: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    stats: RoutingStats | None = None
+    dropped: int = 0
+    rerouted: int = 0
+    transport: str = ""
+    batch_requests: int = 1
+    routing_table_version: int = 0
+
+
+@dataclass
+class _Pending:
+    x_TD: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: str
+    token_ids: torch.Tensor | None
+    return_routing: bool
+    request_id: str
+    future: asyncio.Future = field(repr=False)
+
+
+class Router:
+    """Created by `cluster.deploy` with `ray.remote(Router)`; all methods run on one event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        source: SourceSpec,
+        routing: RoutingSpec | None,
+        table: RoutingTable,
+        groups: Sequence[Any],
+        config: DataPlaneConfig,
+        namespace: str | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        src = open_source(source)
+        self.spec: MoESpec = src.spec if routing is None else replace(src.spec, routing=routing)
+        self.compute_dtype = wire.DTYPES[config.dtype]
+        self.gates: dict[int, RouterWeights] = {layer: src.router(layer) for layer in self.spec.moe_layers}
+        self.shared: dict[int, SharedWeights] = {}
+        self.shared_gates: dict[int, torch.Tensor] = {}
+        for layer in self.spec.moe_layers:
+            sw = src.shared(layer)
+            if sw is None:
+                continue
+            if config.shared_experts == "router":
+                self.shared[layer] = SharedWeights(ffn=sw.ffn.to(dtype=self.compute_dtype), gate=None if sw.gate is None else sw.gate.to(self.compute_dtype))
+            elif sw.gate is not None:
+                self.shared_gates[layer] = sw.gate.float()
+        self.table = table
+        self.groups = list(groups)
+        addresses = [g.grpc_address for g in table.groups]
+        self.transports: dict[str, Transport] = {}
+        for tname, cls in TRANSPORTS.items():
+            if cls is RdtTransport:
+                self.transports[tname] = cls(self.groups, addresses, config.device, worker_name=f"{name}-rdt", namespace=namespace)
+            else:
+                self.transports[tname] = cls(self.groups, addresses, config.device)
+        self.chain: tuple[str, ...] = FALLBACKS[config.transport]
+        self.measured_ms: dict[str, float] = {}
+        self._queues: dict[int, list[_Pending]] = {}
+        self._queued_tokens: dict[int, int] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0}
+        self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        """Build the collective group if RDT may be used; under `auto`, order transports by measurement."""
+        if "rdt" in self.chain:
+            await self.transports["rdt"].start()  # type: ignore[attr-defined]
+        if self.config.transport == "auto":
+            await self._measure()
+        return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms)}
+
+    async def _measure(self, repeats: int = 3) -> None:
+        """Time one probe batch per transport on real groups; fastest first. Broken ones go last."""
+        layer = self.spec.moe_layers[0]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(64, self.spec.hidden_size, generator=gen).to(self.compute_dtype)
+        batch, _, _ = self._plan(layer, [self._assign(layer, x, None)], x)
+        timings = {}
+        for tname in FALLBACKS["auto"]:
+            t = self.transports[tname]
+            if not t.available():
+                continue
+            try:
+                await t.dispatch(batch)
+                samples = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    await t.dispatch(batch)
+                    samples.append(time.perf_counter() - t0)
+                timings[tname] = 1e3 * statistics.median(samples)
+            except Exception as e:
+                log.warning("auto: transport %s failed its probe: %s", tname, e)
+        self.measured_ms = timings
+        ranked = sorted(timings, key=timings.__getitem__)
+        self.chain = tuple(ranked + [t for t in FALLBACKS["auto"] if t not in ranked])
+
+    async def shutdown(self) -> None:
+        for t in self.transports.values():
+            await t.close()
+
+    # -- requests ----------------------------------------------------------
+    async def forward(
+        self, x: np.ndarray, dtype: str, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
+    ) -> ForwardOutput:
+        t = admission.as_tensor(wire.from_numpy(x, dtype) if isinstance(x, np.ndarray) else x)
+        layer = admission.check_layer(layer, self.spec)
+        admission.check_hidden(t, self.spec)
+        ids = admission.check_token_ids(token_ids, t, self.spec)
+        x_TD = t.reshape(-1, self.spec.hidden_size).to(self.compute_dtype)
+        fut = asyncio.get_running_loop().create_future()
+        self.counters["requests"] += 1
+        self._enqueue(layer, _Pending(x_TD, tuple(t.shape), dtype, ids, return_routing, request_id, fut))
+        return await fut
+
+    def _enqueue(self, layer: int, p: _Pending) -> None:
+        self._queues.setdefault(layer, []).append(p)
+        self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
+        if self._queued_tokens[layer] >= self.config.batch_max_tokens or self.config.batch_max_wait_us == 0:
+            self._flush(layer)
+        elif layer not in self._timers:
+            self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self._flush, layer)
+
+    def _flush(self, layer: int) -> None:
+        timer = self._timers.pop(layer, None)
+        if timer is not None:
+            timer.cancel()
+        reqs = self._queues.pop(layer, [])
+        self._queued_tokens[layer] = 0
+        if reqs:
+            asyncio.get_running_loop().create_task(self._run_batch(layer, reqs))
+
+    async def _run_batch(self, layer: int, reqs: list[_Pending]) -> None:
+        try:
+            assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
+            x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
+            batch, plan, offsets = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
+            y_ND, used = await self._dispatch(batch)
+            out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
+            if layer in self.shared:
+                out_TD += shared_forward(x_all, self.shared[layer], self.spec)
+            self.counters["batches"] += 1
+            by = self.counters["by_transport"]
+            by[used] = by.get(used, 0) + 1
+            for i, (r, a) in enumerate(zip(reqs, assignments)):
+                self.expert_tokens[layer] += torch.bincount(a.expert_N, minlength=self.spec.num_experts)
+                out = out_TD[offsets[i] : offsets[i + 1]]
+                if not r.future.done():
+                    r.future.set_result(self._answer(r, out, a, used, len(reqs)))
+        except Exception as e:
+            for r in reqs:
+                if not r.future.done():
+                    r.future.set_exception(e)
+
+    def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
+        gate = self.gates[layer]
+        logits = F.linear(x_TD.float(), gate.weight.float())
+        return route(GateInput(logits_TE=logits, correction_bias_E=gate.correction_bias, token_ids_T=ids), self.spec.routing)
+
+    def _plan(self, layer: int, assignments: list[Assignments], x_all: torch.Tensor, request_ids: Sequence[str] = ()):
+        """Merge per-request assignments (token indices offset), add shared-slot rows, sort by (group, slot)."""
+        sizes, tokens, experts, weights = [0], [], [], []
+        for a in assignments:
+            n = int(a.logits_TE.shape[0])
+            tokens.append(a.token_N + sizes[-1])
+            experts.append(a.expert_N)
+            weights.append(a.weight_N)
+            sizes.append(sizes[-1] + n)
+        total = sizes[-1]
+        if self.config.shared_experts == "slot" and self.spec.shared_experts.count:
+            all_tokens = torch.arange(total)
+            gate = self.shared_gates.get(layer)
+            w = torch.ones(total) if gate is None else torch.sigmoid(F.linear(x_all.float(), gate)).squeeze(-1)
+            tokens.append(all_tokens)
+            experts.append(torch.full((total,), self.spec.num_experts, dtype=torch.int64))
+            weights.append(w)
+        group_of, local_of = self.table.lookup(layer)
+        try:
+            plan = plan_by_group(torch.cat(tokens), torch.cat(experts), torch.cat(weights).float(), group_of=group_of,
+                                 local_of=local_of, orders=layer_orders(self.table, layer), part_type=Part)
+        except LookupError as e:
+            raise ExpertUnavailableError(layer=layer, expert=-1, reason=str(e)) from None
+        x_sorted = x_all.index_select(0, plan.token_N)
+        return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes
+
+    async def _dispatch(self, batch: Batch) -> tuple[torch.Tensor, str]:
+        """Try the transports of the chain in order, per batch; the first that answers wins."""
+        errors = []
+        for i, tname in enumerate(self.chain):
+            t = self.transports[tname]
+            if not t.available():
+                continue
+            try:
+                y = await t.dispatch(batch)
+                if i > 0 or errors:
+                    self.counters["fallbacks"] += 1 if errors else 0
+                return y, tname
+            except TransportError as e:
+                log.warning("batch falls back from %s: %s", tname, e)
+                errors.append(str(e))
+        raise ExpertUnavailableError(layer=batch.layer, expert=-1, reason="; ".join(errors) or "no transport available")
+
+    def _answer(self, r: _Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int) -> ForwardOutput:
+        out = out_TD.to(wire.DTYPES[r.dtype]).reshape(r.shape)
+        arr, name = wire.to_numpy(out)
+        routing = {}
+        if r.return_routing:
+            routing = dict(
+                token_index=a.token_N.numpy(), expert=a.expert_N.numpy(), weight=a.weight_N.float().numpy(),
+                stats=routing_stats(a, self.spec.num_experts),
+            )
+        return ForwardOutput(
+            hidden_states=arr, dtype=name, dropped=a.dropped, rerouted=a.rerouted, transport=used,
+            batch_requests=batched, routing_table_version=self.table.version, **routing,
+        )
+
+    # -- admin -------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        rdt = self.transports.get("rdt")
+        return {
+            "name": self.name,
+            "chain": list(self.chain),
+            "measured_ms": dict(self.measured_ms),
+            "routing_table_version": self.table.version,
+            "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"])},
+            "rdt_rebuilds": getattr(rdt, "rebuilds", 0),
+            "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
+            "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers},
+        }
+
+    async def set_transport(self, mode: str) -> dict[str, Any]:
+        """Switch the transport mode at run time (same chains as `deployment.transport`)."""
+        if mode not in FALLBACKS:
+            raise ValueError(f"unknown transport mode {mode!r}; expected one of {sorted(FALLBACKS)}")
+        self.config = replace(self.config, transport=mode)
+        self.chain = FALLBACKS[mode]
+        rdt = self.transports["rdt"]
+        if "rdt" in self.chain and getattr(rdt, "group", None) is None:
+            await rdt.start()  # type: ignore[attr-defined]
+        if mode == "auto":
+            await self._measure()
+        return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms)}
+
+    def spec_dict(self) -> dict[str, Any]:
+        return self.spec.to_dict()
+

@@ -1,0 +1,68 @@
+"""The routing table a Router is handed: where every (layer, expert) slot lives. Versioned, immutable.
+
+Legend: E experts; index E of the per-layer lookups stands for the shared slot (expert id -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from expert_workers.group import SHARED, local_order
+
+
+@dataclass(frozen=True)
+class GroupRef:
+    name: str
+    grpc_address: str
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """`placement[g]` lists group g's slots; a slot's local index is its position in the group's layer order."""
+
+    version: int
+    num_experts: int
+    groups: tuple[GroupRef, ...]
+    placement: tuple[tuple[tuple[int, int], ...], ...]
+    _lookup: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, version: int, num_experts: int, groups: Sequence[GroupRef], placement: Sequence[Sequence[tuple[int, int]]]) -> "RoutingTable":
+        return cls(
+            version=version,
+            num_experts=num_experts,
+            groups=tuple(groups),
+            placement=tuple(tuple((int(l), int(e)) for l, e in slots) for slots in placement),
+        )
+
+    def replicas(self, layer: int, expert: int) -> list[tuple[int, int]]:
+        """(group, local index) of every copy of a slot."""
+        out = []
+        for g, slots in enumerate(self.placement):
+            order = local_order([e for l, e in slots if l == layer])
+            if expert in order:
+                out.append((g, order.index(expert)))
+        return out
+
+    def lookup(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group_of, local_of), each (E+1,) int64; -1 where a slot has no host. First replica wins."""
+        if layer not in self._lookup:
+            group_of = torch.full((self.num_experts + 1,), -1, dtype=torch.int64)
+            local_of = torch.full((self.num_experts + 1,), -1, dtype=torch.int64)
+            for g, slots in enumerate(self.placement):
+                order = local_order([e for l, e in slots if l == layer])
+                for i, e in enumerate(order):
+                    idx = self.num_experts if e == SHARED else e
+                    if group_of[idx] < 0:
+                        group_of[idx], local_of[idx] = g, i
+            self._lookup[layer] = (group_of, local_of)
+        return self._lookup[layer]
+
+
+def layer_orders(table: RoutingTable, layer: int) -> list[list[int]]:
+    """Per group, the expert ids of `layer` in the group's slot order (shared slot as -1, last)."""
+    return [local_order([e for l, e in slots if l == layer]) for slots in table.placement]

@@ -1,0 +1,64 @@
+"""The transport interface: send each group its sorted rows, get the FFN outputs back.
+
+Legend: N rows of a merged batch, sorted by (group, local slot); D hidden.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from expert_workers.errors import MoEServeError
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows [start, end) of the batch go to `group`; `experts`/`counts` in that group's slot order."""
+
+    group: int
+    start: int
+    end: int
+    experts: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Batch:
+    layer: int
+    x_ND: torch.Tensor
+    parts: tuple[Part, ...]
+    request_ids: tuple[str, ...] = ()
+
+
+class TransportError(MoEServeError):
+    """A path to the expert groups is broken; the router tries the next transport."""
+
+    def __init__(self, *, transport: str, reason: str) -> None:
+        self.transport = transport
+        self.reason = reason
+        super().__init__(f"transport {transport} failed: {reason}")
+
+
+class Transport(ABC):
+    """One way to reach the expert groups. `groups[i]` is group i's actor handle."""
+
+    name: str = ""
+
+    def __init__(self, groups: Sequence[Any], addresses: Sequence[str], device: str) -> None:
+        self.groups = list(groups)
+        self.addresses = list(addresses)
+        self.device = device
+
+    def available(self) -> bool:
+        """False while the path is known broken (e.g. a collective group being rebuilt)."""
+        return True
+
+    @abstractmethod
+    async def dispatch(self, batch: Batch) -> torch.Tensor:
+        """All parts, concurrently -> outputs (N, D) in the batch's row order. Raises TransportError."""
+
+    async def close(self) -> None:
+        return None

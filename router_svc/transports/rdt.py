@@ -1,0 +1,147 @@
+"""Ray Direct Transport: tensors move peer to peer over gloo (CPU) or NCCL (GPU), not through the object store.
+
+NOTE: Ray only moves a tensor by RDT as the single return value of a method declared
+with `tensor_transport`, and only for tasks submitted by the process that created the
+collective group; an actor cannot be in a group it creates, and may be in at most one
+group per backend. So the Router is the controller: it creates one group of a
+`DispatchWorker` (its data-holding peer) plus the expert groups, and drives
+    worker.take(x) --RDT--> group.forward_<backend>(rows) --RDT--> worker.gather(ys)
+The batch reaches the worker and the result comes back through the object store.
+A dead member breaks the group: it is destroyed, the transport reports itself
+unavailable, and it is rebuilt in the background while other transports serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from expert_workers import wire
+from router_svc.transports.base import Batch, Transport, TransportError
+
+log = logging.getLogger(__name__)
+REBUILD_DELAY_S = 1.0
+
+
+class DispatchWorker:
+    """The router's peer in the collective group: cuts the batch into per-group tensors, gathers outputs."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def ping(self) -> bool:
+        return True
+
+    @ray.method(tensor_transport="gloo")
+    def take_gloo(self, x: np.ndarray, dtype: str, start: int, end: int) -> torch.Tensor:
+        return wire.from_numpy(x, dtype)[start:end].clone()
+
+    @ray.method(tensor_transport="nccl")
+    def take_nccl(self, x: np.ndarray, dtype: str, start: int, end: int) -> torch.Tensor:
+        return wire.from_numpy(x, dtype)[start:end].to("cuda")
+
+    def gather(self, *ys: torch.Tensor) -> tuple[np.ndarray, str]:
+        return wire.to_numpy(torch.cat([y.to("cpu") for y in ys]))
+
+
+class RdtTransport(Transport):
+    name = "rdt"
+
+    def __init__(self, groups: Sequence[Any], addresses: Sequence[str], device: str, *, worker_name: str | None = None,
+                 namespace: str | None = None) -> None:
+        super().__init__(groups, addresses, device)
+        self.backend = "nccl" if device == "cuda" else "gloo"
+        self.worker_name = worker_name
+        self.namespace = namespace
+        self.worker: Any = None
+        self.group: Any = None
+        self._broken_since: float | None = None
+        self._building: asyncio.Task | None = None
+        self.rebuilds = 0
+
+    def available(self) -> bool:
+        if self.group is not None:
+            return True
+        if self._building is None or self._building.done():
+            if self._broken_since is None or time.monotonic() - self._broken_since >= REBUILD_DELAY_S:
+                self._building = asyncio.get_running_loop().create_task(self._build())
+        return False
+
+    async def start(self) -> None:
+        await self._build()
+
+    async def _build(self) -> None:
+        from ray.experimental.collective import create_collective_group
+
+        try:
+            opts: dict[str, Any] = {"num_cpus": 0}
+            if self.device == "cuda":
+                opts["num_gpus"] = 0.01
+            if self.worker_name:
+                opts.update(name=f"{self.worker_name}-{self.rebuilds}", namespace=self.namespace)
+            worker = ray.remote(DispatchWorker).options(**opts).remote(self.device)
+            await worker.ping.remote()
+            backend = "nccl" if self.backend == "nccl" else "torch_gloo"
+            loop = asyncio.get_running_loop()
+            # NOTE: create_collective_group blocks on its members; keep it off the event loop.
+            group = await loop.run_in_executor(None, lambda: create_collective_group([worker, *self.groups], backend=backend))
+            self.worker, self.group = worker, group
+            self._broken_since = None
+            self.rebuilds += 1
+        except Exception as e:  # a dead member makes creation fail; try again later
+            log.warning("collective group (%s) could not be built: %s", self.backend, e)
+            self._broken_since = time.monotonic()
+
+    async def _break(self, reason: str) -> None:
+        from ray.experimental.collective import destroy_collective_group
+
+        if reason != "closing":
+            log.warning("collective group broken (%s); destroying it, other transports serve meanwhile", reason)
+        group, worker = self.group, self.worker
+        self.group, self.worker = None, None
+        self._broken_since = time.monotonic()
+        if group is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, lambda: destroy_collective_group(group))
+            except Exception as e:  # members may already be gone
+                log.info("destroying the broken collective group: %s", e)
+        if worker is not None:
+            try:
+                ray.kill(worker)
+            except Exception:
+                pass
+
+    async def dispatch(self, batch: Batch) -> torch.Tensor:
+        if self.group is None:
+            raise TransportError(transport=self.name, reason="collective group not built")
+        worker = self.worker
+        x_np, dtype = wire.to_numpy(batch.x_ND)
+        x_ref = ray.put(x_np)
+        take = worker.take_nccl if self.backend == "nccl" else worker.take_gloo
+        y_refs = []
+        for p in batch.parts:
+            rows = take.remote(x_ref, dtype, p.start, p.end)
+            fwd = self.groups[p.group].forward_nccl if self.backend == "nccl" else self.groups[p.group].forward_gloo
+            y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows))
+        try:
+            y_np, y_dtype = await worker.gather.remote(*y_refs)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, ValueError):
+                raise cause from None
+            await self._break(str(e))
+            raise TransportError(transport=self.name, reason=str(e)) from e
+        except Exception as e:
+            await self._break(str(e))
+            raise TransportError(transport=self.name, reason=str(e)) from e
+        return wire.from_numpy(y_np, y_dtype)
+
+    async def close(self) -> None:
+        if self.group is not None or self.worker is not None:
+            await self._break("closing")
