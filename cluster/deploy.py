@@ -95,7 +95,7 @@ def _create(cfg: ServiceConfig) -> "Deployment":
         for i in range(d.routers):
             routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, num_cpus=d.router_cpus,
                                               max_concurrency=1000).remote(
-                f"{name}-router-{i}", source, routing, table, groups, dp, NAMESPACE))
+                f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE))
         ray.get([r.start.remote() for r in routers])
     except BaseException:
         for actor in routers + groups:

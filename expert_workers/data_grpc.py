@@ -34,7 +34,7 @@ Handler = Callable[[dict[str, Any], memoryview], tuple[dict[str, Any], Any]]
 
 class FrameError(MoEServeError, ValueError):
     def __init__(self, *, problem: str) -> None:
-        super().__init__(f"malformed data-plane frame: {problem}")
+        self._set(f"malformed data-plane frame: {problem}", problem=problem)
 
 
 def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:

@@ -180,5 +180,20 @@ class ExpertGroup:
         data, name, shape = wire.to_bytes(y)
         return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", [])}, data
 
+    def reset_collective(self) -> bool:
+        """Tear down this process's torch.distributed state after its collective group broke.
+
+        NOTE: Ray's gloo groups sit on one default process group per process, whose
+        store lives with the group's first member. When a member dies that default
+        group is dead too, and a new collective group cannot be built on top of it;
+        destroying it here lets the next group initialise afresh.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            return True
+        return False
+
     def shutdown(self) -> None:
         self._server.stop(grace=0)

@@ -21,6 +21,10 @@ class DataPlaneConfig:
     dtype: str = "float32"
     # where shared experts run: in the router, or as a slot on an expert group.
     shared_experts: str = "router"
+    # NOTE: an actor can be in one collective group per backend, and only the group's
+    # creator may submit its RDT tasks, so one router per deployment owns the RDT path;
+    # the others use the object store and gRPC.
+    rdt_owner: bool = True
 
     def __post_init__(self) -> None:
         p = "deployment."

@@ -104,13 +104,19 @@ class Router:
                 self.transports[tname] = cls(self.groups, addresses, config.device, worker_name=f"{name}-rdt", namespace=namespace)
             else:
                 self.transports[tname] = cls(self.groups, addresses, config.device)
-        self.chain: tuple[str, ...] = FALLBACKS[config.transport]
+        self.chain: tuple[str, ...] = self._chain_for(config.transport)
         self.measured_ms: dict[str, float] = {}
         self._queues: dict[int, list[_Pending]] = {}
         self._queued_tokens: dict[int, int] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
+
+    def _chain_for(self, mode: str) -> tuple[str, ...]:
+        chain = FALLBACKS[mode]
+        if not self.config.rdt_owner:
+            chain = tuple(t for t in chain if t != "rdt") or ("object_store",)
+        return chain
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -128,7 +134,7 @@ class Router:
         x = torch.randn(64, self.spec.hidden_size, generator=gen).to(self.compute_dtype)
         batch, _, _ = self._plan(layer, [self._assign(layer, x, None)], x)
         timings = {}
-        for tname in FALLBACKS["auto"]:
+        for tname in self._chain_for("auto"):
             t = self.transports[tname]
             if not t.available():
                 continue
@@ -144,7 +150,7 @@ class Router:
                 log.warning("auto: transport %s failed its probe: %s", tname, e)
         self.measured_ms = timings
         ranked = sorted(timings, key=timings.__getitem__)
-        self.chain = tuple(ranked + [t for t in FALLBACKS["auto"] if t not in ranked])
+        self.chain = tuple(ranked + [t for t in self._chain_for("auto") if t not in ranked])
 
     async def shutdown(self) -> None:
         for t in self.transports.values():
@@ -276,6 +282,7 @@ class Router:
             "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"])},
             "rdt_rebuilds": getattr(rdt, "rebuilds", 0),
             "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
+            "rdt_owner": self.config.rdt_owner,
             "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers},
         }
 
@@ -284,7 +291,7 @@ class Router:
         if mode not in FALLBACKS:
             raise ValueError(f"unknown transport mode {mode!r}; expected one of {sorted(FALLBACKS)}")
         self.config = replace(self.config, transport=mode)
-        self.chain = FALLBACKS[mode]
+        self.chain = self._chain_for(mode)
         rdt = self.transports["rdt"]
         if "rdt" in self.chain and getattr(rdt, "group", None) is None:
             await rdt.start()  # type: ignore[attr-defined]

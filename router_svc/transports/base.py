@@ -37,9 +37,7 @@ class TransportError(MoEServeError):
     """A path to the expert groups is broken; the router tries the next transport."""
 
     def __init__(self, *, transport: str, reason: str) -> None:
-        self.transport = transport
-        self.reason = reason
-        super().__init__(f"transport {transport} failed: {reason}")
+        self._set(f"transport {transport} failed: {reason}", transport=transport, reason=reason)
 
 
 class Transport(ABC):

@@ -64,6 +64,7 @@ class RdtTransport(Transport):
         self._broken_since: float | None = None
         self._building: asyncio.Task | None = None
         self.rebuilds = 0
+        self._attempts = 0
 
     def available(self) -> bool:
         if self.group is not None:
@@ -79,12 +80,14 @@ class RdtTransport(Transport):
     async def _build(self) -> None:
         from ray.experimental.collective import create_collective_group
 
+        worker = None
         try:
             opts: dict[str, Any] = {"num_cpus": 0}
             if self.device == "cuda":
                 opts["num_gpus"] = 0.01
             if self.worker_name:
-                opts.update(name=f"{self.worker_name}-{self.rebuilds}", namespace=self.namespace)
+                opts.update(name=f"{self.worker_name}-{self._attempts}", namespace=self.namespace)
+            self._attempts += 1
             worker = ray.remote(DispatchWorker).options(**opts).remote(self.device)
             await worker.ping.remote()
             backend = "nccl" if self.backend == "nccl" else "torch_gloo"
@@ -97,6 +100,9 @@ class RdtTransport(Transport):
         except Exception as e:  # a dead member makes creation fail; try again later
             log.warning("collective group (%s) could not be built: %s", self.backend, e)
             self._broken_since = time.monotonic()
+            if worker is not None:
+                ray.kill(worker)
+            await self._reset_members()
 
     async def _break(self, reason: str) -> None:
         from ray.experimental.collective import destroy_collective_group
@@ -116,6 +122,16 @@ class RdtTransport(Transport):
                 ray.kill(worker)
             except Exception:
                 pass
+        await self._reset_members()
+
+    async def _reset_members(self) -> None:
+        """Drop the surviving members' torch.distributed state so a new group can form (see ExpertGroup)."""
+        resets = [g.reset_collective.remote() for g in self.groups]
+        for ref in resets:
+            try:
+                await asyncio.wait_for(ref, timeout=30)
+            except Exception as e:  # a dead member has nothing to reset; the supervisor replaces it
+                log.info("resetting a collective member: %s", e)
 
     async def dispatch(self, batch: Batch) -> torch.Tensor:
         if self.group is None:

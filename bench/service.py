@@ -1,0 +1,657 @@
+"""Benchmark: the moe-serve deployment vs LocalMoE, plain Ray actors and Ray Serve, in one run.
+
+One Mixtral-shaped layer (hidden 1024, expert width 2816, 8 experts, top-2, float32),
+saved as a one-layer Hugging Face checkpoint exactly as bench/local_engine.py builds it.
+Engines, all on one `ray.init(num_cpus=8)` bound to 127.0.0.1, timed alternately:
+
+  local_moe         LocalMoE in the driver process (the reference);
+  moe[<transport>]  cluster.deploy (2 expert groups, 1 router, 1 CPU each), one deployment,
+                    its transport switched with Router.set_transport: object_store, grpc,
+                    rdt (gloo on CPU) and auto (re-measured on every switch back to auto);
+  naive_ray         one plain Ray actor per expert; the driver runs the gate and makes one
+                    actor call per expert hit per request through the object store, then combines;
+  ray_serve         a Ray Serve router deployment that runs the gate and fans out to 2 expert
+                    deployments (the same 2-group placement as the deployment) with
+                    `await handle.remote(...)`, called from the driver through its handle.
+
+Every engine computes experts with the same kernel (expert_workers.ffn.GroupedExperts) and
+one torch thread per actor/replica (LocalMoE: the driver's threads), so differences are
+routing, transport and orchestration, not GEMMs.
+
+Measured: tokens/s at 4096 tokens per request (median of repeats after warm-up); p50/p99
+latency at 8 tokens per request with 1 client and with 16 concurrent clients (threads,
+closed loop; bounded by a request count and a time budget, split into interleaved rounds);
+relative error of every engine vs LocalMoE at 8 and 4096 tokens.
+
+Targets (checked here, exit status 1 if missed):
+  - moe-serve (best transport) >= 0.8x LocalMoE tokens/s at 4096 tokens;
+  - moe-serve p50 at 8 tokens, 1 client <= 0.5x Ray Serve's;
+  - moe-serve tokens/s at 8 tokens under 16 clients >= 2x Ray Serve's;
+  - every engine within 1e-5 relative error of LocalMoE.
+
+    python bench/service.py [--quick] [--repeats 7] [--out bench/results/service.json]
+
+The full run writes bench/results/service.json and the "Service benchmark" section of
+bench/RESULTS.md; --quick (a smoke run) writes bench/results/service_quick.json only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+# NOTE: makes Ray's node IP the loopback address (127.0.0.1) instead of the first interface's;
+# `ray.init(_node_ip_address="127.0.0.1")` alone is turned back into that interface's address by Ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_engine import EXPERTS, HIDDEN, TOP_K, WIDTH, build  # noqa: E402
+
+LAYER = 0
+SMALL, LARGE = 8, 4096
+CLIENTS = 16
+MODES = ("object_store", "grpc", "rdt", "auto")
+GROUPS = 2
+RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+SECTION = "## Service benchmark"
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _placement() -> list[list[int]]:
+    """The deployment's placement (cluster.placement.spread): expert e on group e mod G."""
+    return [[e for e in range(EXPERTS) if e % GROUPS == g] for g in range(GROUPS)]
+
+
+# -- engines -----------------------------------------------------------------
+
+class Engine:
+    """`call(x [T, D] float32) -> [T, D]`; `prepare()` runs before each timed slot (not timed)."""
+
+    name = ""
+    kind = ""
+
+    def prepare(self) -> None:
+        return None
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.call(x), {}
+
+    def counters(self) -> dict[str, float] | None:
+        """Cumulative server-side counters (not timed), or None."""
+        return None
+
+
+def _delta(a: dict[str, float] | None, b: dict[str, float] | None, acc: dict[str, float]) -> None:
+    if a is not None and b is not None:
+        for k in a:
+            acc[k] = acc.get(k, 0.0) + b[k] - a[k]
+
+
+class LocalEngine(Engine):
+    name, kind = "local_moe", "local"
+
+    def __init__(self, moe: Any) -> None:
+        self.moe = moe
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe.forward(x, LAYER)
+
+
+class DeploymentEngine(Engine):
+    kind = "deployment"
+
+    def __init__(self, dep: Any, mode: str, state: dict[str, Any]) -> None:
+        import ray
+
+        self.ray, self.dep, self.mode, self.state = ray, dep, mode, state
+        self.name = f"moe[{mode}]"
+        self.chains: list[list[str]] = []
+
+    def prepare(self) -> None:
+        if self.state.get("mode") != self.mode:
+            r = self.ray.get(self.dep.routers[0].set_transport.remote(self.mode))
+            self.state["mode"] = self.mode
+            self.chains.append(r["chain"])
+            if r.get("measured_ms"):
+                self.state.setdefault("auto_measured_ms", []).append(r["measured_ms"])
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dep.forward(x, LAYER)
+
+    def counters(self) -> dict[str, float]:
+        """The router's requests and batches, and the groups' summed compute seconds and batches."""
+        r = self.ray.get(self.dep.routers[0].status.remote())["counters"]
+        gs = self.ray.get([g.stats.remote() for g in self.dep.groups])
+        return {"requests": r["requests"], "batches": r["batches"], "group_busy_s": sum(g["busy_s"] for g in gs),
+                "group_batches": sum(g["batches"] for g in gs)}
+
+    def check(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        from expert_workers import wire
+
+        out = self.dep.forward_output(x, LAYER)
+        return wire.from_numpy(out.hidden_states, out.dtype).clone(), {"transport_used": out.transport}
+
+
+class NaiveExpert:
+    """One expert's weights in a plain Ray actor; numpy rows in, numpy rows out."""
+
+    def __init__(self, path: str, expert: int) -> None:
+        from expert_workers.checkpoint import HFCheckpoint
+        from expert_workers.ffn import GroupedExperts
+
+        torch.set_num_threads(1)
+        ck = HFCheckpoint(path)
+        self.experts = GroupedExperts([ck.expert(LAYER, expert)], activation=ck.spec.activation, gated=ck.spec.gated)
+
+    def ping(self) -> bool:
+        return True
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        from expert_workers import wire
+
+        with torch.no_grad():
+            return self.experts.forward(wire.from_numpy(x, "float32"), [x.shape[0]]).numpy()
+
+
+class NaiveRayEngine(Engine):
+    """The driver gates (router_svc.gate.route + router_svc.dispatch), one actor call per expert hit, combines."""
+
+    name, kind = "naive_ray", "baseline"
+
+    def __init__(self, path: str, moe: Any) -> None:
+        import ray
+
+        self.ray = ray
+        cls = ray.remote(NaiveExpert).options(num_cpus=0.25)
+        self.actors = [cls.remote(path, e) for e in range(EXPERTS)]
+        ray.get([a.ping.remote() for a in self.actors])
+        self.gate = moe.layer(LAYER).router.weight.float()
+        self.routing = moe.spec.routing
+
+    @torch.no_grad()
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        from router_svc.dispatch import combine, gather_rows, plan_by_expert
+        from router_svc.gate import GateInput, route
+
+        a = route(GateInput(logits_TE=F.linear(x.float(), self.gate)), self.routing)
+        plan = plan_by_expert(a, EXPERTS)
+        rows = gather_rows(x, plan).numpy()
+        refs, start = [], 0
+        for e, n in enumerate(plan.counts_E.tolist()):
+            if n:
+                refs.append(self.actors[e].forward.remote(rows[start:start + n]))
+            start += n
+        y = torch.from_numpy(np.concatenate(self.ray.get(refs)))
+        return combine(y, plan, x.shape[0])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+
+
+def _serve_app(path: str, max_ongoing: int) -> Any:
+    """A Ray Serve app as a Ray user would write it: a router deployment and one deployment per expert group."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 1})
+    class ExpertShard:
+        def __init__(self, path: str, experts: list[int]) -> None:
+            from expert_workers.checkpoint import HFCheckpoint
+            from expert_workers.ffn import GroupedExperts
+
+            torch.set_num_threads(1)
+            ck = HFCheckpoint(path)
+            self.experts = GroupedExperts([ck.expert(LAYER, e) for e in experts], activation=ck.spec.activation,
+                                          gated=ck.spec.gated)
+
+        def __call__(self, x: np.ndarray, counts: list[int]) -> np.ndarray:
+            from expert_workers import wire
+
+            with torch.no_grad():
+                return self.experts.forward(wire.from_numpy(x, "float32"), counts).numpy()
+
+    @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 1})
+    class MoERouter:
+        def __init__(self, path: str, shards: list, placement: list[list[int]]) -> None:
+            from expert_workers.checkpoint import HFCheckpoint
+
+            torch.set_num_threads(1)
+            ck = HFCheckpoint(path)
+            self.gate = ck.router(LAYER).weight.float()
+            self.routing = ck.spec.routing
+            self.shards, self.placement = shards, placement
+            self.shard_of = torch.empty(EXPERTS, dtype=torch.int64)
+            for g, experts in enumerate(placement):
+                self.shard_of[experts] = g
+
+        async def __call__(self, x: np.ndarray) -> np.ndarray:
+            from expert_workers import wire
+            from router_svc.gate import GateInput, route
+
+            with torch.no_grad():
+                x_TD = wire.from_numpy(x, "float32")
+                a = route(GateInput(logits_TE=F.linear(x_TD, self.gate)), self.routing)
+                key = self.shard_of[a.expert_N] * EXPERTS + a.expert_N  # sort by (shard, expert)
+                order = torch.sort(key, stable=True).indices
+                token, expert, weight = a.token_N[order], a.expert_N[order], a.weight_N[order]
+                rows = x_TD.index_select(0, token).numpy()
+                per_expert = torch.bincount(expert, minlength=EXPERTS).tolist()
+                calls, start = [], 0
+                for g, experts in enumerate(self.placement):
+                    counts = [per_expert[e] for e in experts]
+                    n = sum(counts)
+                    if n:
+                        calls.append(self.shards[g].remote(rows[start:start + n], counts))
+                    start += n
+                ys = await asyncio.gather(*calls)
+                y = torch.from_numpy(np.concatenate(ys))
+                out = torch.zeros_like(x_TD).index_add_(0, token, y * weight[:, None])
+                return out.numpy()
+
+    shards = [ExpertShard.options(name=f"experts-{g}").bind(path, experts) for g, experts in enumerate(_placement())]
+    return MoERouter.bind(path, shards, _placement())
+
+
+class ServeEngine(Engine):
+    name, kind = "ray_serve", "baseline"
+
+    def __init__(self, path: str, max_ongoing: int) -> None:
+        from ray import serve
+
+        self.serve = serve
+        # NOTE: no HTTP proxy at all (handles only), so nothing listens beyond Ray's own loopback ports.
+        serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
+        self.handle = serve.run(_serve_app(path, max_ongoing), name="moe_bench", route_prefix=None)
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.handle.remote(x.numpy()).result())
+
+
+# -- timing --------------------------------------------------------------------
+
+def _throughput(engines: list[Engine], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, list[float]]:
+    for e in engines:
+        e.prepare()
+        for _ in range(warmup):
+            e.call(x)
+    times: dict[str, list[float]] = {e.name: [] for e in engines}
+    server: dict[str, dict[str, float]] = {e.name: {} for e in engines}
+    for _ in range(repeats):  # alternate so drift and neighbours hit every engine alike
+        for e in engines:
+            e.prepare()
+            c0 = e.counters()
+            t0 = time.perf_counter()
+            e.call(x)
+            times[e.name].append(time.perf_counter() - t0)
+            _delta(c0, e.counters(), server[e.name])
+    return times, server
+
+
+def _round(engine: Engine, inputs: list[torch.Tensor], n: int, budget_s: float, clients: int,
+           pool: cf.ThreadPoolExecutor) -> tuple[list[float], float]:
+    """One closed-loop round: `clients` callers until n requests or the time budget. -> (latencies, wall)."""
+    counter = itertools.count()
+    deadline = time.perf_counter() + budget_s
+
+    def client() -> list[float]:
+        lat = []
+        while True:
+            i = next(counter)
+            if i >= n or time.perf_counter() > deadline:
+                return lat
+            x = inputs[i % len(inputs)]
+            t0 = time.perf_counter()
+            engine.call(x)
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    if clients == 1:
+        lat = client()
+    else:
+        lat = list(itertools.chain.from_iterable(f.result() for f in [pool.submit(client) for _ in range(clients)]))
+    return lat, time.perf_counter() - t0
+
+
+def _latency(engines: list[Engine], inputs: list[torch.Tensor], clients: int, requests: int, budget_s: float,
+             rounds: int, pool: cf.ThreadPoolExecutor) -> dict[str, dict[str, Any]]:
+    per_round, budget = max(1, requests // rounds), budget_s / rounds
+    for e in engines:  # warm-up
+        e.prepare()
+        _round(e, inputs, 2 * clients, budget, clients, pool)
+    lat: dict[str, list[float]] = {e.name: [] for e in engines}
+    tps: dict[str, list[float]] = {e.name: [] for e in engines}
+    server: dict[str, dict[str, float]] = {e.name: {"wall_s": 0.0} for e in engines}
+    for _ in range(rounds):
+        for e in engines:
+            e.prepare()
+            c0 = e.counters()
+            ls, wall = _round(e, inputs, per_round, budget, clients, pool)
+            _delta(c0, e.counters(), server[e.name])
+            server[e.name]["wall_s"] += wall
+            lat[e.name] += ls
+            tps[e.name].append(len(ls) * inputs[0].shape[0] / wall)
+    out = {}
+    for e in engines:
+        a = np.array(lat[e.name])
+        out[e.name] = {"requests": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99)),
+                       "mean_s": float(a.mean()), "tokens_per_s": statistics.median(tps[e.name]),
+                       "tokens_per_s_rounds": tps[e.name], "server": _server_summary(server[e.name], GROUPS)}
+    return out
+
+
+def _server_summary(c: dict[str, float], groups: int) -> dict[str, float]:
+    """Requests per router batch, and the fraction of wall time the expert groups spent computing."""
+    if "batches" not in c:
+        return {}
+    out = {**c, "requests_per_batch": c["requests"] / max(1, c["batches"])}
+    if c.get("wall_s"):
+        out["group_busy_fraction"] = c["group_busy_s"] / (groups * c["wall_s"])
+        out["group_compute_ms_per_batch"] = 1e3 * c["group_busy_s"] / max(1, c["group_batches"])
+    return out
+
+
+# -- the run -------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    from cluster import deploy
+
+    torch.set_grad_enabled(False)
+    gen = torch.Generator().manual_seed(1)
+    x_large = torch.randn(LARGE, HIDDEN, generator=gen)
+    inputs = [torch.randn(SMALL, HIDDEN, generator=gen) for _ in range(64)]
+    result: dict[str, Any] = {"config": {k: getattr(args, k) for k in ("quick", "repeats", "warmup", "requests", "budget_s", "rounds",
+                                                                        "serve_max_ongoing", "batch_wait_us")}}
+    dep = serve_engine = naive = None
+    with tempfile.TemporaryDirectory() as tmp:
+        model, moe = build(tmp)
+        del model
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        result["node_ip"] = ray.util.get_node_ip_address()
+        try:
+            t0 = time.perf_counter()
+            dep = deploy({"model": {"path": tmp}, "deployment": {
+                "name": "bench", "expert_groups": GROUPS, "routers": 1, "group_cpus": 1, "router_cpus": 1,
+                "transport": "auto", "device": "cpu", "grpc_host": "127.0.0.1",
+                **({} if args.batch_wait_us is None else {"batch_max_wait_us": args.batch_wait_us})}})
+            result["deployment_settings"] = {k: getattr(dep.config.deployment, k) for k in (
+                "expert_groups", "routers", "group_cpus", "router_cpus", "batch_max_tokens", "batch_max_wait_us")}
+            state: dict[str, Any] = {"mode": "auto"}
+            result["startup_s"] = {"deployment": time.perf_counter() - t0}
+            t0 = time.perf_counter()
+            naive = NaiveRayEngine(tmp, moe)
+            result["startup_s"]["naive_ray"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            serve_engine = ServeEngine(tmp, args.serve_max_ongoing)
+            result["startup_s"]["ray_serve"] = time.perf_counter() - t0
+            deployments = [DeploymentEngine(dep, m, state) for m in MODES]
+            engines: list[Engine] = [LocalEngine(moe), *deployments, naive, serve_engine]
+
+            print("correctness vs LocalMoE (relative error):")
+            refs = {SMALL: moe.forward(inputs[0], LAYER), LARGE: moe.forward(x_large, LAYER)}
+            errors: dict[str, dict[str, Any]] = {}
+            for e in engines:
+                e.prepare()
+                errors[e.name] = {}
+                for tokens, x in ((SMALL, inputs[0]), (LARGE, x_large)):
+                    y, info = e.check(x)
+                    errors[e.name][str(tokens)] = {"rel_err": _rel(y, refs[tokens]), **info}
+                line = "  ".join(f"{t} tok {v['rel_err']:.2e}" + (f" (via {v['transport_used']})" if "transport_used" in v else "")
+                                 for t, v in errors[e.name].items())
+                print(f"  {e.name:>18}: {line}")
+            result["errors"] = errors
+
+            print(f"throughput at {LARGE} tokens ({args.repeats} repeats, {args.warmup} warm-up) ...", flush=True)
+            times, server = _throughput(engines, x_large, args.repeats, args.warmup)
+            result["throughput_large"] = {n: {"median_s": statistics.median(ts), "all_s": ts, "tokens_per_s": LARGE / statistics.median(ts),
+                                              "server": _server_summary(server[n], GROUPS)} for n, ts in times.items()}
+            with cf.ThreadPoolExecutor(CLIENTS) as pool:
+                for clients in (1, CLIENTS):
+                    print(f"latency at {SMALL} tokens, {clients} client(s) ...", flush=True)
+                    result[f"latency_{clients}"] = _latency(engines, inputs, clients, args.requests, args.budget_s, args.rounds, pool)
+            result["deployment_status"] = dep.status()
+            result["auto_chains"] = deployments[-1].chains
+            result["auto_measured_ms"] = state.get("auto_measured_ms", [])
+            result["engines"] = [{"name": e.name, "kind": e.kind} for e in engines]
+        finally:
+            if serve_engine is not None:
+                serve_engine.serve.shutdown()
+            if dep is not None:
+                dep.shutdown()
+            if naive is not None:
+                naive.shutdown()
+            ray.shutdown()
+    return result
+
+
+def table(result: dict) -> list[dict[str, Any]]:
+    local = result["throughput_large"]["local_moe"]["tokens_per_s"]
+    serve_tp = result["throughput_large"]["ray_serve"]["tokens_per_s"]
+    l1, l16 = result["latency_1"], result[f"latency_{CLIENTS}"]
+    rows = []
+    for e in result["engines"]:
+        n = e["name"]
+        tp = result["throughput_large"][n]["tokens_per_s"]
+        rows.append({
+            "engine": n, "kind": e["kind"],
+            "tps_4096": tp, "tps_4096_x_local": tp / local, "tps_4096_x_serve": tp / serve_tp,
+            "p50_1c_ms": 1e3 * l1[n]["p50_s"], "p99_1c_ms": 1e3 * l1[n]["p99_s"],
+            "p50_1c_x_local": l1[n]["p50_s"] / l1["local_moe"]["p50_s"], "p50_1c_x_serve": l1[n]["p50_s"] / l1["ray_serve"]["p50_s"],
+            "p50_16c_ms": 1e3 * l16[n]["p50_s"], "p99_16c_ms": 1e3 * l16[n]["p99_s"],
+            "tps_8_16c": l16[n]["tokens_per_s"], "tps_8_16c_x_local": l16[n]["tokens_per_s"] / l16["local_moe"]["tokens_per_s"],
+            "tps_8_16c_x_serve": l16[n]["tokens_per_s"] / l16["ray_serve"]["tokens_per_s"],
+            "max_rel_err": max(v["rel_err"] for v in result["errors"][n].values()),
+        })
+    return rows
+
+
+COLUMNS = [  # (key, header, format)
+    ("engine", "engine", "{}"),
+    ("tps_4096", "tok/s @4096", "{:.0f}"), ("tps_4096_x_local", "x local", "{:.2f}"), ("tps_4096_x_serve", "x serve", "{:.2f}"),
+    ("p50_1c_ms", "p50 ms 1c", "{:.2f}"), ("p99_1c_ms", "p99 ms 1c", "{:.2f}"),
+    ("p50_1c_x_local", "p50 x local", "{:.2f}"), ("p50_1c_x_serve", "p50 x serve", "{:.2f}"),
+    ("p50_16c_ms", "p50 ms 16c", "{:.1f}"), ("p99_16c_ms", "p99 ms 16c", "{:.1f}"),
+    ("tps_8_16c", "tok/s 16c", "{:.0f}"), ("tps_8_16c_x_local", "x local", "{:.2f}"), ("tps_8_16c_x_serve", "x serve", "{:.2f}"),
+    ("max_rel_err", "max rel err", "{:.1e}"),
+]
+
+
+def check(result: dict, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    dep = [r for r in rows if r["kind"] == "deployment"]
+    auto = next(r for r in dep if r["engine"] == "moe[auto]")
+    best_tp = max(dep, key=lambda r: r["tps_4096"])
+    best_p50 = min(dep, key=lambda r: r["p50_1c_ms"])
+    best_16 = max(dep, key=lambda r: r["tps_8_16c"])
+    worst_err = max(rows, key=lambda r: r["max_rel_err"])
+    return [
+        {"target": f"{LARGE} tok: moe-serve tokens/s / LocalMoE's", "goal": ">= 0.80", "value": best_tp["tps_4096_x_local"],
+         "best": best_tp["engine"], "auto": auto["tps_4096_x_local"], "met": best_tp["tps_4096_x_local"] >= 0.8},
+        {"target": f"{SMALL} tok, 1 client: moe-serve p50 / Ray Serve's", "goal": "<= 0.50", "value": best_p50["p50_1c_x_serve"],
+         "best": best_p50["engine"], "auto": auto["p50_1c_x_serve"], "met": best_p50["p50_1c_x_serve"] <= 0.5},
+        {"target": f"{SMALL} tok, {CLIENTS} clients: moe-serve tokens/s / Ray Serve's", "goal": ">= 2.00",
+         "value": best_16["tps_8_16c_x_serve"], "best": best_16["engine"], "auto": auto["tps_8_16c_x_serve"],
+         "met": best_16["tps_8_16c_x_serve"] >= 2.0},
+        {"target": f"every engine vs LocalMoE, max rel. error ({SMALL} and {LARGE} tok)", "goal": "< 1e-5",
+         "value": worst_err["max_rel_err"], "best": worst_err["engine"], "auto": auto["max_rel_err"], "met": worst_err["max_rel_err"] < 1e-5},
+    ]
+
+
+SERVER_HEADERS = ("engine", "req/batch 1c", "req/batch 16c", "group busy 1c", "group busy 16c", "group ms/batch 16c",
+                  f"group ms/batch @{LARGE}")
+
+
+def server_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for e in result["engines"]:
+        if e["kind"] != "deployment":
+            continue
+        n = e["name"]
+        s1, s16, sl = result["latency_1"][n]["server"], result[f"latency_{CLIENTS}"][n]["server"], result["throughput_large"][n]["server"]
+        rows.append([n, f"{s1['requests_per_batch']:.2f}", f"{s16['requests_per_batch']:.2f}", f"{100 * s1['group_busy_fraction']:.0f}%",
+                     f"{100 * s16['group_busy_fraction']:.0f}%", f"{s16['group_compute_ms_per_batch']:.1f}",
+                     f"{1e3 * sl['group_busy_s'] / max(1, sl['group_batches']):.0f}"])
+    return rows
+
+
+def _fmt_targets(targets: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for t in targets:
+        who = "worst" if "error" in t["target"] else "best"
+        out.append(f"[{'PASS' if t['met'] else 'MISS'}] {t['target']}: {t['value']:.4g} (goal {t['goal']}; "
+                   f"{who}: {t['best']}; moe[auto]: {t['auto']:.4g})")
+    return out
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    widths = [max(len(h), 18 if k == "engine" else 0) for k, h, _ in COLUMNS]
+    print(" ".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
+    for r in rows:
+        print(" ".join(f"{f.format(r[k]):>{w}}" for (k, _, f), w in zip(COLUMNS, widths)))
+
+
+def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
+    m, c, d = result["machine"], result["config"], result["deployment_settings"]
+    lines = [
+        SECTION, "",
+        f"Written by `python bench/service.py` on {m['date']}; raw numbers in `bench/results/service.json`.",
+        "",
+        f"Machine: {m['cores']} cores, {m['platform']}, Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads in the driver), Ray {m['ray']}, no GPU. "
+        f"One `ray.init(num_cpus=8)` for every engine, node IP {result.get('node_ip')}; Serve without an HTTP proxy "
+        f"(handles only); the groups' gRPC data plane on 127.0.0.1. Load average (1 min) {result['loadavg_before'][0]:.2f} "
+        f"before the run, {result['loadavg_after'][0]:.2f} after; run took {result['wall_s']:.0f} s.",
+        "",
+        f"Model: one Mixtral-shaped layer (hidden {HIDDEN}, expert width {WIDTH}, {EXPERTS} experts, top-{TOP_K}, float32), "
+        "a one-layer Hugging Face checkpoint built as in `bench/local_engine.py`. Engines: `local_moe` (LocalMoE in the "
+        f"driver), `moe[...]` (one `cluster.deploy`: {d['expert_groups']} expert groups, {d['routers']} router, "
+        f"{d['group_cpus']:g} CPU per group, `batch_max_tokens` {d['batch_max_tokens']} / `batch_max_wait_us` "
+        f"{d['batch_max_wait_us']}{' (library default)' if c['batch_wait_us'] is None else ''}; transport switched with "
+        "`Router.set_transport`), `naive_ray` "
+        "(one Ray actor per expert, gate in the driver, one call per expert hit), `ray_serve` (a Serve router deployment "
+        f"fanning out with `await handle.remote()` to {GROUPS} expert deployments with the same placement, "
+        f"`max_ongoing_requests={c['serve_max_ongoing']}`, no `@serve.batch`). All compute experts with the same kernel, "
+        "one torch thread per actor/replica.",
+        "",
+        f"Throughput: {LARGE} tokens per request, median of {c['repeats']} after {c['warmup']} warm-up, engines alternated. "
+        f"Latency: {SMALL} tokens per request, closed loop with 1 and {CLIENTS} client threads, up to {c['requests']} "
+        f"requests / {c['budget_s']} s per engine and setting in {c['rounds']} interleaved rounds; `tok/s 16c` is the median "
+        "over rounds (for `local_moe`, 16 threads call one LocalMoE concurrently). Ratios: `x local` = engine / local_moe, "
+        "`x serve` = engine / ray_serve (for p50, lower is better).",
+        "",
+        "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+        "|" + "|".join("---" if k == "engine" else "---:" for k, _, _ in COLUMNS) + "|",
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(f.format(r[k]) for k, _, f in COLUMNS) + " |")
+    lines += ["", "Deployment, server side (router counters and expert-group compute time over the same slots):", "",
+              "| " + " | ".join(h for h in SERVER_HEADERS) + " |", "|---" + "|---:" * (len(SERVER_HEADERS) - 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in server_rows(result)]
+    lines += ["", "Targets (moe-serve = its best transport for each target; `moe[auto]` shown alongside):", ""]
+    lines += [f"- {t}" for t in _fmt_targets(targets)]
+    chains = sorted({" > ".join(ch) for ch in result.get("auto_chains", [])})
+    lines += ["", f"`auto` chose (over {len(result.get('auto_chains', []))} switches): " + "; ".join(f"`{ch}`" for ch in chains) + "."]
+    lines += [f"Startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["startup_s"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results_md(text: str, path: str = RESULTS_MD) -> None:
+    """Replace (or add) the "Service benchmark" section, keeping any other sections."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new.rstrip("\n") + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer repeats and requests; writes service_quick.json only")
+    ap.add_argument("--repeats", type=int, default=None, help=f"timed repeats at {LARGE} tokens (median; >= 5; quick: 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per engine before timing (quick: 1)")
+    ap.add_argument("--requests", type=int, default=None, help="max requests per engine and latency setting (quick: 32)")
+    ap.add_argument("--budget-s", type=float, default=None, help="max seconds per engine and latency setting (quick: 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per latency setting (quick: 2)")
+    ap.add_argument("--batch-wait-us", type=int, default=None,
+                    help="the deployment's batch_max_wait_us (default: the library's default)")
+    ap.add_argument("--serve-max-ongoing", type=int, default=32, help="Ray Serve max_ongoing_requests per deployment")
+    ap.add_argument("--out", default=None, help="JSON result (default bench/results/service.json; quick: service_quick.json)")
+    ap.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md (quick never does)")
+    args = ap.parse_args()
+    q = args.quick
+    defaults = {"repeats": 3 if q else 7, "warmup": 1 if q else 2, "requests": 32 if q else 200, "budget_s": 1.0 if q else 8.0,
+                "rounds": 2 if q else 4}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not q and args.repeats < 5:
+        ap.error("--repeats must be >= 5 (use --quick for a smoke run)")
+    if args.out is None:
+        args.out = "bench/results/service_quick.json" if q else "bench/results/service.json"
+    try:
+        import ray
+        import ray.serve  # noqa: F401
+    except ImportError as e:
+        print(f"Ray Serve is not importable ({e}); install it with: pip install 'ray[serve]'", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    t_start, load_before = time.perf_counter(), os.getloadavg()
+    result = run(args)
+    result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"] = {
+        "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ray": ray.__version__,
+        "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+        or datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    rows = table(result)
+    targets = check(result, rows)
+    result["table"], result["targets"] = rows, targets
+    print()
+    print_table(rows)
+    print()
+    print(" ".join(f"{h:>18}" for h in SERVER_HEADERS))
+    for row in server_rows(result):
+        print(" ".join(f"{v:>18}" for v in row))
+    print(f"auto chains: {sorted({' > '.join(c) for c in result['auto_chains']})}; "
+          f"router counters: {result['deployment_status']['routers'][0].get('counters')}")
+    for line in _fmt_targets(targets):
+        print("  " + line)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    if not q and not args.no_results_md:
+        write_results_md(markdown(result, rows, targets))
+        print(f"wrote {os.path.relpath(RESULTS_MD)}")
+    return 0 if all(t["met"] for t in targets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
