@@ -91,7 +91,7 @@ def _demo_distributed(args: argparse.Namespace, base: LocalMoE, x: torch.Tensor)
     spec = base.spec
     model = {"path": args.model} if args.model else {"random": spec.to_dict(), "seed": args.seed}
     print(f"\ndeploying {args.groups} expert groups + 1 router on an embedded Ray ...")
-    dep = deploy({"model": model, "deployment": {"name": "demo", "expert_groups": args.groups, "transport": "auto"}})
+    dep = deploy({"model": model, "gateway": {"port": 0}, "deployment": {"name": "demo", "expert_groups": args.groups, "transport": "auto"}})
     try:
         router = dep.status()["routers"][0]
         measured = ", ".join(f"{k} {v:.2f} ms" for k, v in router["measured_ms"].items())

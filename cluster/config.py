@@ -5,6 +5,10 @@
     deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us,
                  device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
                  router_cpus, grpc_host
+    gateway:     enabled, host, port (router i serves port + i; 0 = any free port),
+                 max_tokens_per_request, max_queued_tokens
+    auth:        token (default: the MOE_SERVE_TOKEN environment variable)
+    tls:         cert, key, client_ca (client_ca turns on mutual TLS)
 
 Errors name the field, the value and what was expected.
 """
@@ -89,11 +93,71 @@ class DeploymentSettings:
                 raise ConfigError(field=p + name, value=v, expected="a number >= 0")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_tokens_per_request: int = 65536
+    max_queued_tokens: int = 262144
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(field="gateway.enabled", value=self.enabled, expected="a bool")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(field="gateway.host", value=self.host, expected="a host name or IP address")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError(field="gateway.port", value=self.port, expected="an integer in [0, 65535] (0: any free port)")
+        for name in ("max_tokens_per_request", "max_queued_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(field=f"gateway.{name}", value=v, expected="an integer >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.token is not None and (not isinstance(self.token, str) or len(self.token) < 8):
+            raise ConfigError(field="auth.token", value="<hidden>", expected="a string of at least 8 characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSSettings:
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(field="tls.cert" if self.cert is None else "tls.key", value=None,
+                              expected="both tls.cert and tls.key, or neither")
+        if self.client_ca is not None and self.cert is None:
+            raise ConfigError(field="tls.client_ca", value=self.client_ca, expected="tls.cert and tls.key as well (mutual TLS)")
+        for name in ("cert", "key", "client_ca"):
+            v = getattr(self, name)
+            if v is not None and not os.path.isfile(v):
+                raise ConfigError(field=f"tls.{name}", value=v, expected="an existing PEM file")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     model: ModelConfig
     routing: Mapping[str, Any] = field(default_factory=dict)
     deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+    def __post_init__(self) -> None:
+        # NOTE: secure by default: a gateway reachable beyond this machine must demand a token.
+        if self.gateway.enabled and self.gateway.host not in LOOPBACK and self.auth.token is None:
+            raise ConfigError(field="auth.token", value=None,
+                              expected=f"a token when gateway.host ({self.gateway.host}) is not loopback")
 
     def routing_spec(self, base: RoutingSpec) -> RoutingSpec | None:
         """The model's routing spec with this config's overrides; None when there are none."""
@@ -126,17 +190,22 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConf
             raise ConfigError(field="config", value=os.fspath(config), expected=f"valid YAML ({e})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(field="config", value=config, expected="a mapping with 'model', 'routing', 'deployment'")
+    sections = ("model", "routing", "deployment", "gateway", "auth", "tls")
     for key in config:
-        if key not in ("model", "routing", "deployment"):
-            raise ConfigError(field=str(key), value=config[key], expected="one of the sections 'model', 'routing', 'deployment'")
+        if key not in sections:
+            raise ConfigError(field=str(key), value=config[key], expected=f"one of the sections {sections}")
     m = dict(_section(ModelConfig, config.get("model"), "model"))
     if isinstance(m.get("random"), Mapping):
         m["random"] = MoESpec.from_dict(m["random"])
     model = ModelConfig(**m)
     routing = dict(_section(RoutingSpec, config.get("routing"), "routing"))
     deployment = DeploymentSettings(**_section(DeploymentSettings, config.get("deployment"), "deployment"))
-    cfg = ServiceConfig(model=model, routing=routing, deployment=deployment)
+    gateway = GatewaySettings(**_section(GatewaySettings, config.get("gateway"), "gateway"))
+    auth = dict(_section(AuthSettings, config.get("auth"), "auth"))
+    auth.setdefault("token", os.environ.get("MOE_SERVE_TOKEN") or None)
+    tls = TLSSettings(**_section(TLSSettings, config.get("tls"), "tls"))
+    cfg = ServiceConfig(model=model, routing=routing, deployment=deployment, gateway=gateway,
+                        auth=AuthSettings(**auth), tls=tls)
     if model.random is not None and routing:
-        cfg.routing_spec(model.random.routing)  # validates the overrides now
-        dataclasses.replace(model.random, routing=cfg.routing_spec(model.random.routing))
+        dataclasses.replace(model.random, routing=cfg.routing_spec(model.random.routing))  # validates now
     return cfg

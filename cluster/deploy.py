@@ -25,6 +25,7 @@ from expert_workers.group import ExpertGroup
 from expert_workers.source import open_source
 from expert_workers.spec import MoESpec
 from router_svc.config import DataPlaneConfig
+from router_svc.gateway import GatewayConfig
 from router_svc.local import RoutingReport
 from router_svc.router import ForwardOutput, Router
 from router_svc.table import GroupRef, RoutingTable
@@ -89,19 +90,32 @@ def _create(cfg: ServiceConfig) -> "Deployment":
             ))
         infos = ray.get([g.info.remote() for g in groups])
         table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
+        gw = cfg.gateway
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
-                             device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts)
+                             device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts,
+                             max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens)
         router_cls = ray.remote(Router)
         for i in range(d.routers):
             routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, num_cpus=d.router_cpus,
                                               max_concurrency=1000).remote(
-                f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE))
-        ray.get([r.start.remote() for r in routers])
+                f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE,
+                _gateway_config(cfg, i)))
+        started = ray.get([r.start.remote() for r in routers])
     except BaseException:
         for actor in routers + groups:
             ray.kill(actor)
         raise
-    return Deployment(name=name, spec=spec, config=cfg, groups=groups, routers=routers, table=table, device=device)
+    dep = Deployment(name=name, spec=spec, config=cfg, groups=groups, routers=routers, table=table, device=device)
+    dep.gateway_addresses = [s["gateway"] for s in started if s.get("gateway")]
+    return dep
+
+
+def _gateway_config(cfg: ServiceConfig, index: int) -> GatewayConfig | None:
+    gw = cfg.gateway
+    if not gw.enabled:
+        return None
+    return GatewayConfig(host=gw.host, port=gw.port + index if gw.port else 0, token=cfg.auth.token,
+                         tls_cert=cfg.tls.cert, tls_key=cfg.tls.key, tls_client_ca=cfg.tls.client_ca)
 
 
 class Deployment:
@@ -120,6 +134,7 @@ class Deployment:
         self._closed = False
         # True when deploy() started an embedded Ray for this deployment; shutdown() then stops it.
         self.started_ray = False
+        self.gateway_addresses: list[str] = []
 
     def submit(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
                return_routing: bool = False, request_id: str = "") -> ray.ObjectRef:

@@ -25,11 +25,18 @@ class DataPlaneConfig:
     # creator may submit its RDT tasks, so one router per deployment owns the RDT path;
     # the others use the object store and gRPC.
     rdt_owner: bool = True
+    # admission limits: one request's tokens, and tokens admitted but not yet answered.
+    max_tokens_per_request: int = 65536
+    max_queued_tokens: int = 262144
 
     def __post_init__(self) -> None:
         p = "deployment."
         if self.transport not in TRANSPORT_MODES:
             raise ConfigError(field=p + "transport", value=self.transport, expected=f"one of {TRANSPORT_MODES}")
+        for name in ("max_tokens_per_request", "max_queued_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(field="gateway." + name, value=v, expected="an integer >= 1")
         for name in ("batch_max_tokens", "batch_max_wait_us"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_max_tokens" else 0):

@@ -16,14 +16,14 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from expert_workers import wire
-from expert_workers.errors import ExpertUnavailableError
+from expert_workers.errors import BackPressureError, ExpertUnavailableError
 from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RouterWeights, SharedWeights
@@ -34,6 +34,9 @@ from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing
 from router_svc.local import shared_forward
 from router_svc.table import RoutingTable, layer_orders
 from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, Part, RdtTransport, Transport, TransportError
+
+if TYPE_CHECKING:
+    from router_svc.gateway import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,15 @@ class Router:
         groups: Sequence[Any],
         config: DataPlaneConfig,
         namespace: str | None = None,
+        gateway: "GatewayConfig | None" = None,
     ) -> None:
         self.name = name
         self.config = config
+        self.gateway_config = gateway
+        self.gateway: Any = None
+        self._health_task: asyncio.Task | None = None
+        self._inflight_tokens = 0
+        self._started = time.monotonic()
         src = open_source(source)
         self.spec: MoESpec = src.spec if routing is None else replace(src.spec, routing=routing)
         self.compute_dtype = wire.DTYPES[config.dtype]
@@ -125,7 +134,27 @@ class Router:
             await self.transports["rdt"].start()  # type: ignore[attr-defined]
         if self.config.transport == "auto":
             await self._measure()
-        return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms)}
+        if self.gateway_config is not None:
+            from router_svc.gateway import Gateway
+
+            self.gateway = Gateway(self, self.gateway_config)
+            await self.gateway.start()
+            self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+        return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms),
+                "gateway": None if self.gateway is None else self.gateway.address}
+
+    async def _watch_health(self, period_s: float = 1.0) -> None:
+        """SERVING while every expert group answers a ping within the period."""
+        while True:
+            try:
+                pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in self.groups]
+                results = await asyncio.gather(*pings, return_exceptions=True)
+                await self.gateway.set_serving(all(r is True for r in results))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never let one bad observation stop the watch
+                log.warning("health watch: %s", e)
+            await asyncio.sleep(period_s)
 
     async def _measure(self, repeats: int = 3) -> None:
         """Time one probe batch per transport on real groups; fastest first. Broken ones go last."""
@@ -153,22 +182,44 @@ class Router:
         self.chain = tuple(ranked + [t for t in self._chain_for("auto") if t not in ranked])
 
     async def shutdown(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self.gateway is not None:
+            await self.gateway.stop()
         for t in self.transports.values():
             await t.close()
+
+    def gateway_address(self) -> str | None:
+        return None if self.gateway is None else self.gateway.address
 
     # -- requests ----------------------------------------------------------
     async def forward(
         self, x: np.ndarray, dtype: str, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
     ) -> ForwardOutput:
         t = admission.as_tensor(wire.from_numpy(x, dtype) if isinstance(x, np.ndarray) else x)
+        return await self.forward_tensor(t, layer, token_ids, return_routing, request_id)
+
+    async def forward_tensor(
+        self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
+    ) -> ForwardOutput:
+        """Admit one request (limits, shape, dtype, layer, values, token ids) and await its batch."""
+        tokens = t.numel() // max(t.shape[-1], 1) if t.dim() else 0
+        if tokens > self.config.max_tokens_per_request:
+            raise BackPressureError(limit="tokens per request", value=tokens, maximum=self.config.max_tokens_per_request)
         layer = admission.check_layer(layer, self.spec)
         admission.check_hidden(t, self.spec)
         ids = admission.check_token_ids(token_ids, t, self.spec)
+        if self._inflight_tokens + tokens > self.config.max_queued_tokens:
+            raise BackPressureError(limit="queued tokens", value=self._inflight_tokens + tokens, maximum=self.config.max_queued_tokens)
         x_TD = t.reshape(-1, self.spec.hidden_size).to(self.compute_dtype)
         fut = asyncio.get_running_loop().create_future()
         self.counters["requests"] += 1
-        self._enqueue(layer, _Pending(x_TD, tuple(t.shape), dtype, ids, return_routing, request_id, fut))
-        return await fut
+        self._inflight_tokens += tokens
+        try:
+            self._enqueue(layer, _Pending(x_TD, tuple(t.shape), wire.dtype_name(t.dtype), ids, return_routing, request_id, fut))
+            return await fut
+        finally:
+            self._inflight_tokens -= tokens
 
     def _enqueue(self, layer: int, p: _Pending) -> None:
         self._queues.setdefault(layer, []).append(p)
@@ -285,6 +336,26 @@ class Router:
             "rdt_owner": self.config.rdt_owner,
             "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers},
         }
+
+    async def service_status(self) -> dict[str, Any]:
+        """What the gateway's Status RPC reports: experts (replicas, load), groups (liveness), routers."""
+        uptime = max(time.monotonic() - self._started, 1e-9)
+        experts = []
+        for layer in self.spec.moe_layers:
+            counts = self.expert_tokens[layer].tolist()
+            for e in range(self.spec.num_experts):
+                experts.append({"layer": layer, "expert": e, "replicas": len(self.table.replicas(layer, e)),
+                                "tokens_per_s": counts[e] / uptime})
+        infos = await asyncio.gather(*(asyncio.wait_for(g.info.remote(), 5.0) for g in self.groups), return_exceptions=True)
+        groups = []
+        for ref, info, slots in zip(self.table.groups, infos, self.table.placement):
+            alive = isinstance(info, dict)
+            groups.append({"name": ref.name, "node_id": ref.node_id, "alive": alive,
+                           "device": info["device"] if alive else "", "slots": len(slots)})
+        routers = [{"name": self.name, "address": self.gateway_address() or "", "transports": list(self.chain),
+                    "requests": self.counters["requests"], "batches": self.counters["batches"]}]
+        return {"model": self.spec.family, "routing_table_version": self.table.version, "experts": experts,
+                "groups": groups, "routers": routers}
 
     async def set_transport(self, mode: str) -> dict[str, Any]:
         """Switch the transport mode at run time (same chains as `deployment.transport`)."""

@@ -44,7 +44,7 @@ def _alive_actor_names(prefix: str) -> list[str]:
 def family_deployment(request, ray_local, tmp_path_factory):
     make, shared = FAMILIES[request.param]
     path = hf.save(hf.randomise_moe(make(), seed=7), tmp_path_factory.mktemp("ckpt") / request.param)
-    dep = deploy({"model": {"path": path}, "deployment": {"name": "dp", "expert_groups": 3, "transport": "rdt",
+    dep = deploy({"model": {"path": path}, "gateway": {"port": 0}, "deployment": {"name": "dp", "expert_groups": 3, "transport": "rdt",
                                                           "shared_experts": shared, "batch_max_wait_us": 200}})
     yield request.param, dep, LocalMoE.from_pretrained(path)
     dep.shutdown()
@@ -138,7 +138,7 @@ def _traffic(dep, ref, xs, clients: int = 8) -> tuple[list, list[str]]:
 
 def test_auto_survives_its_collective_group_torn_down_mid_traffic(ray_local, random_spec) -> None:
     """auto (measured order) while the router's RDT peer is killed under 8 clients: all succeed, all exact."""
-    dep = deploy({"model": {"random": random_spec, "seed": 2}, "deployment": {"name": "tearauto", "expert_groups": 3, "transport": "auto"}})
+    dep = deploy({"model": {"random": random_spec, "seed": 2}, "gateway": {"port": 0}, "deployment": {"name": "tearauto", "expert_groups": 3, "transport": "auto"}})
     ref = LocalMoE.from_config(random_spec, seed=2)
     try:
         status = ray.get(dep.routers[0].status.remote())
@@ -163,7 +163,7 @@ def test_rdt_falls_back_then_rebuilds_its_collective_group(ray_local, random_spe
     a peer dying mid-transfer takes expert groups with it; bringing those back is the
     supervisor's failover, not the transport's.
     """
-    dep = deploy({"model": {"random": random_spec, "seed": 2}, "deployment": {"name": "tearrdt", "expert_groups": 3, "transport": "rdt"}})
+    dep = deploy({"model": {"random": random_spec, "seed": 2}, "gateway": {"port": 0}, "deployment": {"name": "tearrdt", "expert_groups": 3, "transport": "rdt"}})
     ref = LocalMoE.from_config(random_spec, seed=2)
     try:
         gen = torch.Generator().manual_seed(9)
@@ -185,7 +185,7 @@ def test_rdt_falls_back_then_rebuilds_its_collective_group(ray_local, random_spe
 
 
 def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
-    dep = deploy({"model": {"random": random_spec}, "deployment": {"name": "bye", "expert_groups": 3, "routers": 2, "transport": "rdt"}})
+    dep = deploy({"model": {"random": random_spec}, "gateway": {"port": 0}, "deployment": {"name": "bye", "expert_groups": 3, "routers": 2, "transport": "rdt"}})
     assert dep.forward(torch.randn(3, 48), 0).shape == (3, 48)
     names = _alive_actor_names(dep.name)
     assert len(names) == 3 + 2 + 1, names  # groups, routers, the RDT peer of the owning router
@@ -205,7 +205,7 @@ def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
 def test_batched_requests_keep_their_own_capacity(ray_local, random_spec, routing: dict) -> None:
     """Capacity and expert choice are per request: batched answers equal each request run alone."""
     dep = deploy({"model": {"random": random_spec, "seed": 4}, "routing": routing,
-                  "deployment": {"name": "iso", "expert_groups": 3, "transport": "object_store", "batch_max_wait_us": 20_000}})
+                  "gateway": {"port": 0}, "deployment": {"name": "iso", "expert_groups": 3, "transport": "object_store", "batch_max_wait_us": 20_000}})
     ref = LocalMoE.from_config(random_spec, seed=4, routing=dep.spec.routing)
     try:
         gen = torch.Generator().manual_seed(3)

@@ -1,0 +1,198 @@
+"""The public gRPC gateway (`moe.v1.ExpertService`), served on a Router's own event loop.
+
+The servicer only translates between protobuf and the Router; errors map to status
+codes here and nowhere else. Health (`grpc.health.v1`) reports SERVING while every
+expert group answers; reflection lists the services. Auth is a bearer token checked
+by an interceptor; TLS and mutual TLS come from certificate files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from expert_workers import wire
+from expert_workers.errors import BackPressureError, ExpertUnavailableError, InvalidRequestError, MoEServeError
+from moe.v1 import expert_service_pb2 as pb
+from moe.v1 import expert_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from router_svc.router import ForwardOutput, Router
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+MAX_DIMS = 1 << 31
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # gRPC's own limit on one message; requests are bounded by tokens first.
+    max_message_bytes: int = 256 << 20
+
+
+class _BearerAuth(grpc.aio.ServerInterceptor):
+    """Every RPC but the health check needs `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], details: Any) -> Any:
+        if details.method == HEALTH_CHECK:
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
+            return await continuation(details)
+        reason = "missing bearer token" if not given else "invalid bearer token"
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=lambda b: b, response_serializer=lambda b: b)
+
+
+def _tensor_in(t: pb.Tensor, field: str) -> Any:
+    shape = list(t.shape)
+    if len(shape) not in (2, 3):
+        raise InvalidRequestError(field=f"{field}.shape", problem=f"rank {len(shape)} {shape}; expected [tokens, hidden] or [batch, seq, hidden]")
+    if any(d < 0 or d >= MAX_DIMS for d in shape):
+        raise InvalidRequestError(field=f"{field}.shape", problem=f"dimensions must be in [0, 2^31): {shape}")
+    if t.dtype not in wire.DTYPES:
+        raise InvalidRequestError(field=f"{field}.dtype", problem=f"unknown dtype {t.dtype!r}; expected one of {sorted(wire.DTYPES)}")
+    return wire.from_bytes(t.data, t.dtype, shape)
+
+
+def _tokens(t: pb.Tensor) -> int:
+    n = 1
+    for d in list(t.shape)[:-1]:
+        n *= max(int(d), 0)
+    return n
+
+
+def _response(out: "ForwardOutput") -> pb.ForwardResponse:
+    resp = pb.ForwardResponse(
+        hidden_states=pb.Tensor(dtype=out.dtype, shape=list(out.hidden_states.shape), data=out.hidden_states.tobytes()),
+        dropped_tokens=out.dropped, rerouted_tokens=out.rerouted, routing_table_version=out.routing_table_version,
+        transport=out.transport,
+    )
+    if out.token_index is not None:
+        resp.routing.token_index.extend(out.token_index.tolist())
+        resp.routing.expert.extend(out.expert.tolist())
+        resp.routing.weight.extend(out.weight.tolist())
+    if out.stats is not None:
+        s = out.stats
+        resp.stats.CopyFrom(pb.RoutingStats(
+            tokens_per_expert=list(s.tokens_per_expert), utilisation_entropy=s.utilisation_entropy,
+            load_balancing_loss=s.load_balancing_loss, z_loss=s.z_loss, max_over_mean_load=s.max_over_mean_load,
+        ))
+    return resp
+
+
+class ExpertServicer(pb_grpc.ExpertServiceServicer):
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
+        try:
+            tokens = _tokens(request.hidden_states)
+            limit = self.router.config.max_tokens_per_request
+            if tokens > limit:
+                raise BackPressureError(limit="tokens per request", value=tokens, maximum=limit)
+            x = _tensor_in(request.hidden_states, "hidden_states")
+            ids = list(request.token_ids) if len(request.token_ids) else None
+            call = self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id)
+            remaining = context.time_remaining()
+            out = await (asyncio.wait_for(call, timeout=remaining) if remaining is not None else call)
+            return _response(out)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except BackPressureError as e:
+            await _abort_exhausted(context, e)
+        except ExpertUnavailableError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded inside the service")
+        except MoEServeError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        raise AssertionError("unreachable: abort raises")
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        st = await self.router.service_status()
+        return pb.StatusResponse(
+            model=st["model"], routing_table_version=st["routing_table_version"],
+            experts=[pb.ExpertStatus(**e) for e in st["experts"]],
+            groups=[pb.GroupStatus(**g) for g in st["groups"]],
+            routers=[pb.RouterStatus(**r) for r in st["routers"]],
+        )
+
+
+async def _abort_exhausted(context: grpc.aio.ServicerContext, e: BackPressureError) -> None:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.QuotaFailure(violations=[
+        error_details_pb2.QuotaFailure.Violation(subject=e.limit, description=str(e)),
+    ]))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(e), details=[detail])
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class Gateway:
+    """The server object: bind, serve, report health, stop."""
+
+    def __init__(self, router: "Router", config: GatewayConfig) -> None:
+        self.config = config
+        interceptors = [_BearerAuth(config.token)] if config.token else []
+        opts = [("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=opts)
+        pb_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(router), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        target = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(_read(config.tls_key), _read(config.tls_cert))],
+                root_certificates=_read(config.tls_client_ca) if config.tls_client_ca else None,
+                require_client_auth=bool(config.tls_client_ca),
+            )
+            self.port = self.server.add_secure_port(target, creds)
+        else:
+            self.port = self.server.add_insecure_port(target)
+        if self.port == 0:
+            raise OSError(f"gateway cannot bind {target}")
+        self.address = f"{config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(False)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1.0)
+
+
+def _read(path: str | None) -> bytes:
+    assert path is not None
+    with open(path, "rb") as f:
+        return f.read()
