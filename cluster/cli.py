@@ -1,7 +1,11 @@
 """The `moe-serve` command line.
 
-    moe-serve demo      run a small MoE model locally, then as a deployment on an embedded Ray,
-                        and check that every distributed answer equals the local one
+    moe-serve demo      run a small MoE model locally, then deploy it on an embedded Ray and drive it
+                        through the gRPC gateway, checking every answer against LocalMoE
+    moe-serve up        deploy onto a running Ray cluster (detached) and print the gateway addresses
+    moe-serve status    show deployments: routers, groups, per-expert load
+    moe-serve down      remove a deployment's actors
+    moe-serve bench     run the service benchmark
 """
 
 from __future__ import annotations
@@ -44,7 +48,91 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--capacity-factor", type=float, default=1.25, help="capacity factor for the drop/reroute runs (default: 1.25)")
     demo.add_argument("--groups", type=int, default=2, help="expert groups (Ray actors) of the distributed part (default: 2)")
     demo.add_argument("--local-only", action="store_true", help="skip the distributed part (no Ray)")
+    demo.add_argument("--seconds", type=float, default=4.0, help="how long the gRPC traffic runs (default: 4)")
+    demo.add_argument("--clients", type=int, default=4, help="concurrent gRPC clients (default: 4)")
+
+    address_help = "Ray cluster address: 'auto' (the running cluster), HOST:PORT or ray://HOST:PORT (default: auto)"
+    up = sub.add_parser("up", help="deploy onto a running Ray cluster (detached) and print the gateway addresses",
+                        description="Creates the expert groups and routers as detached actors, waits until every "
+                        "gateway reports SERVING, records the deployment in Ray's GCS and prints the gateways.")
+    up.add_argument("--config", required=True, metavar="FILE", help="deployment YAML (model, routing, deployment, gateway, auth, tls)")
+    up.add_argument("--address", default="auto", help=address_help)
+    up.add_argument("--wait", type=float, default=180.0, metavar="SECONDS", help="how long to wait for health (default: 180)")
+    st = sub.add_parser("status", help="show the deployments on a cluster: groups, routers, per-expert load",
+                        description="Reads the deployments recorded in Ray's GCS and asks their routers for status.")
+    st.add_argument("--address", default="auto", help=address_help)
+    st.add_argument("--name", default=None, help="one deployment (default: all)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    dn = sub.add_parser("down", help="remove a deployment's actors from the cluster",
+                        description="Shuts the routers' gateways down, then removes every actor of the deployment(s).")
+    dn.add_argument("--address", default="auto", help=address_help)
+    dn.add_argument("--name", default=None, help="one deployment (default: all recorded)")
+    bench = sub.add_parser("bench", help="run the service benchmark (bench/service.py) and write bench/RESULTS.md",
+                           description="Runs bench/service.py from a source checkout; extra arguments pass through.")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench/service.py (e.g. --quick)")
     return p
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster import ops
+
+    entry = ops.up(args.config, args.address, wait_s=args.wait)
+    print(f"deployment {entry['name']} is SERVING")
+    for addr in entry["gateways"]:
+        print(f"gateway {addr}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster import ops
+
+    deps = ops.status(args.address, args.name)
+    if args.json:
+        print(json.dumps(deps, indent=2, default=str))
+        return 0
+    if not deps:
+        print("no deployments")
+    for d in deps:
+        print(f"deployment {d['name']}  gateways {', '.join(d['gateways']) or '-'}")
+        for r in d["status"]:
+            if "groups" not in r:
+                print(f"  router {r.get('name')}: DOWN {r.get('error', '')}")
+                continue
+            print(f"  model {r['model']}  routing table v{r['routing_table_version']}")
+            for rr in r["routers"]:
+                print(f"  router {rr['name']}  {rr['address']}  transports {rr['transports']}  requests {rr['requests']}  batches {rr['batches']}")
+            print(f"  {'group':<28}{'alive':>6}{'device':>8}{'slots':>7}")
+            for g in r["groups"]:
+                print(f"  {g['name']:<28}{str(g['alive']):>6}{g['device']:>8}{g['slots']:>7}")
+            busy = sorted(r["experts"], key=lambda e: -e["tokens_per_s"])[:8]
+            print("  busiest experts: " + ", ".join(f"L{e['layer']}E{e['expert']} {e['tokens_per_s']:.0f} tok/s x{e['replicas']}" for e in busy))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from cluster import ops
+
+    removed = ops.down(args.address, args.name)
+    print(f"removed {len(removed)} actors" + (": " + ", ".join(removed) if removed else ""))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "service.py"
+    if not script.exists():
+        print(f"moe-serve bench: {script} not found; run it from a source checkout", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *[a for a in args.rest if a != "--"]]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -83,48 +171,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_distributed(args: argparse.Namespace, base: LocalMoE, x: torch.Tensor) -> None:
-    """The same model as a deployment on an embedded Ray: every answer is checked against LocalMoE."""
-    import ray
+    """The same model deployed on an embedded Ray, driven through its gRPC gateway; every answer checked."""
+    from cluster.demo import run_gateway_demo
 
-    from cluster.deploy import deploy
-
-    spec = base.spec
-    model = {"path": args.model} if args.model else {"random": spec.to_dict(), "seed": args.seed}
-    print(f"\ndeploying {args.groups} expert groups + 1 router on an embedded Ray ...")
-    dep = deploy({"model": model, "gateway": {"port": 0}, "deployment": {"name": "demo", "expert_groups": args.groups, "transport": "auto"}})
-    try:
-        router = dep.status()["routers"][0]
-        measured = ", ".join(f"{k} {v:.2f} ms" for k, v in router["measured_ms"].items())
-        print(f"transport auto: measured {measured}; order {router['chain']}")
-        sizes = [8, 64, 512, 1, 32, 256, 16, 128] * 2
-        layer = spec.moe_layers[-1]
-        t0 = time.perf_counter()
-        refs = [dep.submit(x[:n], layer) for n in sizes]
-        outs = ray.get(refs)
-        wall = time.perf_counter() - t0
-        worst = 0.0
-        for n, out in zip(sizes, outs):
-            want = base.forward(x[:n], layer)
-            got = torch.from_numpy(out.hidden_states.copy())
-            worst = max(worst, float((got - want).norm() / want.norm()))
-        batched = sum(o.batch_requests > 1 for o in outs)
-        print(f"{len(sizes)} concurrent requests ({sum(sizes)} tokens) in {1e3 * wall:.1f} ms; {batched} shared a batch; "
-              f"transports used {sorted({o.transport for o in outs})}; max relative error vs LocalMoE {worst:.2e}")
-        if worst >= 1e-5:
-            raise SystemExit("moe-serve demo: distributed answers differ from LocalMoE")
-    finally:
-        dep.shutdown()
+    run_gateway_demo(args, base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"demo": _demo, "up": _up, "status": _status, "down": _down, "bench": _bench}
     try:
-        if args.command == "demo":
-            return _demo(args)
-    except MoEServeError as e:
+        return commands[args.command](args)
+    except (MoEServeError, LookupError, TimeoutError, ConnectionError) as e:
         print(f"moe-serve {args.command}: {e}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

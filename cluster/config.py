@@ -39,6 +39,10 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.random is not None and not isinstance(self.random, MoESpec):
+            raise ConfigError(field="model.random", value=self.random, expected="a mapping of MoESpec fields")
+        if self.path is not None and not isinstance(self.path, str):
+            raise ConfigError(field="model.path", value=self.path, expected="a directory path")
         if (self.path is None) == (self.random is None):
             raise ConfigError(field="model", value={"path": self.path, "random": self.random is not None},
                               expected="exactly one of 'path' (a Hugging Face checkpoint directory) or 'random' (MoESpec fields)")
@@ -188,6 +192,8 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConf
             raise ConfigError(field="config", value=os.fspath(config), expected="an existing YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(field="config", value=os.fspath(config), expected=f"valid YAML ({e})") from None
+        except OSError as e:
+            raise ConfigError(field="config", value=os.fspath(config), expected=f"a readable YAML file ({e.strerror})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(field="config", value=config, expected="a mapping with 'model', 'routing', 'deployment'")
     sections = ("model", "routing", "deployment", "gateway", "auth", "tls")

@@ -52,12 +52,14 @@ def _resolve_device(requested: str) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
 
 
-def deploy(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig, address: str | None = None) -> "Deployment":
+def deploy(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig, address: str | None = None,
+           *, detached: bool = False) -> "Deployment":
+    """Create the deployment; `detached` actors outlive this process (`moe-serve up`)."""
     cfg = load_config(config)
     d = cfg.deployment
     started = _ensure_ray(address, d.expert_groups * d.group_cpus + d.routers * d.router_cpus)
     try:
-        dep = _create(cfg)
+        dep = _create(cfg, detached=detached)
         dep.started_ray = started
         return dep
     except BaseException:
@@ -66,7 +68,7 @@ def deploy(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig, a
         raise
 
 
-def _create(cfg: ServiceConfig) -> "Deployment":
+def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
     d = cfg.deployment
     source = cfg.model.source()
     spec: MoESpec = open_source(source).spec
@@ -82,6 +84,8 @@ def _create(cfg: ServiceConfig) -> "Deployment":
     try:
         for i, slots in enumerate(placement):
             opts: dict[str, Any] = {"name": f"{name}-group-{i}", "namespace": NAMESPACE, "num_cpus": d.group_cpus}
+            if detached:
+                opts["lifetime"] = "detached"
             if device == "cuda":
                 opts["num_gpus"] = d.group_gpus
             groups.append(group_cls.options(**opts).remote(
@@ -97,7 +101,7 @@ def _create(cfg: ServiceConfig) -> "Deployment":
         router_cls = ray.remote(Router)
         for i in range(d.routers):
             routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, num_cpus=d.router_cpus,
-                                              max_concurrency=1000).remote(
+                                              max_concurrency=1000, lifetime="detached" if detached else None).remote(
                 f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE,
                 _gateway_config(cfg, i)))
         started = ray.get([r.start.remote() for r in routers])
@@ -196,6 +200,14 @@ class Deployment:
                 routers.append({"alive": False, "error": str(e)})
         return {"name": self.name, "model": self.spec.family, "device": self.device,
                 "routing_table_version": self.table.version, "groups": groups, "routers": routers}
+
+    def health(self, timeout: float = 10.0) -> bool:
+        """True when every router and every expert group answers."""
+        try:
+            ray.get([r.status.remote() for r in self.routers] + [g.ping.remote() for g in self.groups], timeout=timeout)
+            return True
+        except Exception:
+            return False
 
     def shutdown(self) -> None:
         if self._closed:

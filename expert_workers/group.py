@@ -23,7 +23,7 @@ import ray
 import torch
 
 from expert_workers import data_grpc, wire
-from expert_workers.errors import InvalidRequestError
+from expert_workers.errors import ConfigError, InvalidRequestError
 from expert_workers.ffn import GroupedExperts, ffn
 from expert_workers.source import SourceSpec, open_source
 from expert_workers.weights import SharedWeights
@@ -67,7 +67,8 @@ class GroupCore:
             shared = None
             if SHARED in order:
                 sw = src.shared(layer)
-                assert sw is not None, f"layer {layer} has no shared experts to host"
+                if sw is None:
+                    raise ConfigError(field="slots", value=(layer, SHARED), expected=f"a shared-expert slot only on a model with shared experts (layer {layer} has no shared experts)")
                 shared = SharedWeights(ffn=sw.ffn.to(dtype=self.dtype, device=self.device), gate=None)
             self.layers[layer] = _LayerSlots(experts=order, grouped=grouped, shared=shared)
         self.slots = [(layer, e) for layer, ls in self.layers.items() for e in ls.experts]
@@ -81,6 +82,10 @@ class GroupCore:
         ls = self.layers.get(layer)
         if ls is None:
             raise InvalidRequestError(field="layer", problem=f"this group hosts no slot of layer {layer}")
+        if x_ND.dim() != 2 or x_ND.shape[1] != self.spec.hidden_size:
+            raise InvalidRequestError(field="rows", problem=f"shape {tuple(x_ND.shape)}; expected (rows, {self.spec.hidden_size})")
+        if any(int(c) < 0 for c in counts):
+            raise InvalidRequestError(field="counts", problem=f"negative count in {list(counts)}")
         if len(experts) != len(counts) or sum(counts) != x_ND.shape[0]:
             raise InvalidRequestError(field="counts", problem=f"{len(experts)} experts, counts {list(counts)} for {x_ND.shape[0]} rows")
         pos = {e: i for i, e in enumerate(ls.experts)}
@@ -175,8 +180,12 @@ class ExpertGroup:
         return self.core.compute(layer, experts, counts, x)
 
     def _grpc_forward(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
-        x = wire.from_bytes(payload, header["dtype"], header["shape"])
-        y = self.core.compute(int(header["layer"]), header["experts"], header["counts"], x)
+        try:
+            dtype, shape, layer, experts, counts = (header[k] for k in ("dtype", "shape", "layer", "experts", "counts"))
+        except KeyError as e:
+            raise InvalidRequestError(field="header", problem=f"missing key {e}") from None
+        x = wire.from_bytes(payload, dtype, shape)
+        y = self.core.compute(int(layer), list(experts), list(counts), x)
         data, name, shape = wire.to_bytes(y)
         return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", [])}, data
 

@@ -47,7 +47,7 @@ def from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
 
 def to_bytes(t: torch.Tensor) -> tuple[bytes | memoryview, str, tuple[int, ...]]:
     arr, name = to_numpy(t)
-    return memoryview(arr).cast("B"), name, tuple(arr.shape)
+    return memoryview(arr.reshape(-1)).cast("B"), name, tuple(arr.shape)
 
 
 def from_bytes(data: bytes | memoryview, name: str, shape: tuple[int, ...] | list[int]) -> torch.Tensor:

@@ -75,7 +75,8 @@ def plan_by_group(token_N: torch.Tensor, expert_N: torch.Tensor, weight_N: torch
     if bool((g_N < 0).any()):
         missing = sorted({int(e) for e in expert_N[g_N < 0].tolist()})
         raise LookupError(f"no expert group hosts experts {missing}")
-    slots = int(local_of.max()) + 1
+    # NOTE: rows are sized by the longest slot order, which replicas can make longer than any index in use.
+    slots = max(max((len(o) for o in orders), default=1), int(local_of.max()) + 1)
     key_N = g_N * slots + local_of[expert_N]
     key_sorted, order = torch.sort(key_N, stable=True)
     counts_GS = torch.bincount(key_sorted, minlength=len(orders) * slots).view(len(orders), slots).tolist()

@@ -1,0 +1,102 @@
+"""`moe-serve up | status | down`: operate deployments on a running Ray cluster by name."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from cluster import registry
+from cluster.config import load_config
+from cluster.deploy import NAMESPACE, deploy
+from router_svc.client import MoEClient
+
+
+def connect(address: str) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+
+
+def up(config_path: str, address: str, wait_s: float = 180.0) -> dict[str, Any]:
+    """Deploy detached actors, record them, wait until the gateways report SERVING."""
+    cfg = load_config(config_path)
+    connect(address)
+    dep = deploy(cfg, detached=True)
+    entry = {
+        "name": dep.name,
+        "routers": [f"{dep.name}-router-{i}" for i in range(len(dep.routers))],
+        "groups": [f"{dep.name}-group-{i}" for i in range(len(dep.groups))],
+        "gateways": dep.gateway_addresses,
+        "created": time.time(),
+    }
+    registry.record(dep.name, entry)
+    if dep.gateway_addresses:
+        client = MoEClient(dep.gateway_addresses, token=cfg.auth.token, tls=_client_tls(cfg))
+        deadline = time.monotonic() + wait_s
+        while not client.health():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deployment {dep.name} not healthy after {wait_s:.0f} s")
+            time.sleep(0.5)
+        client.close()
+    return entry
+
+
+def _client_tls(cfg: Any) -> Any:
+    if not cfg.tls.cert:
+        return None
+    from router_svc.client import TLSOptions
+
+    return TLSOptions(ca=cfg.tls.client_ca or cfg.tls.cert, cert=cfg.tls.cert if cfg.tls.client_ca else None,
+                      key=cfg.tls.key if cfg.tls.client_ca else None)
+
+
+def _actor(name: str) -> Any:
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def status(address: str, name: str | None = None) -> list[dict[str, Any]]:
+    connect(address)
+    out = []
+    for dname in [name] if name else registry.names():
+        entry = registry.lookup(dname)
+        if entry is None:
+            raise LookupError(f"no deployment named {dname!r}; known: {registry.names()}")
+        routers = []
+        for rname in entry["routers"]:
+            actor = _actor(rname)
+            try:
+                routers.append(ray.get(actor.service_status.remote(), timeout=15) if actor else {"name": rname, "alive": False})
+            except Exception as e:
+                routers.append({"name": rname, "alive": False, "error": str(e)})
+        out.append({**entry, "status": routers})
+    return out
+
+
+def down(address: str, name: str | None = None) -> list[str]:
+    """Stop every actor of the deployment(s): routers first (they close their gateways), then groups."""
+    connect(address)
+    removed = []
+    for dname in [name] if name else registry.names():
+        entry = registry.lookup(dname)
+        if entry is None:
+            raise LookupError(f"no deployment named {dname!r}; known: {registry.names()}")
+        for rname in entry["routers"]:
+            actor = _actor(rname)
+            if actor is not None:
+                try:
+                    ray.get(actor.shutdown.remote(), timeout=15)
+                except Exception:
+                    pass
+        leftovers = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["namespace"] == NAMESPACE and a["name"].startswith(f"{dname}-")]
+        for aname in leftovers:
+            actor = _actor(aname)
+            if actor is not None:
+                ray.kill(actor)
+                removed.append(aname)
+        registry.forget(dname)
+    return removed

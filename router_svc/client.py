@@ -1,0 +1,172 @@
+"""MoEClient: the Python client of the gRPC gateway, with the same interface as an in-cluster Deployment.
+
+    client = MoEClient(["127.0.0.1:50051", "127.0.0.1:50052"], token="...")
+    y = client.forward(x, layer=3)          # torch in -> torch out; numpy in -> numpy out
+
+UNAVAILABLE (a gateway down, or the service unable to serve right now) is retried with
+bounded exponential backoff across the listed gateways, within the call's deadline.
+Other status codes map back to moe-serve's errors and are not retried.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from expert_workers import wire
+from expert_workers.errors import InvalidRequestError, MoEServeError
+from moe.v1 import expert_service_pb2 as pb
+from moe.v1 import expert_service_pb2_grpc as pb_grpc
+from router_svc.local import RoutingReport
+from router_svc.gate.stats import RoutingStats
+
+
+class MoEService(Protocol):
+    """What LocalMoE-like callers need; implemented by MoEClient and cluster.Deployment."""
+
+    def forward(self, hidden_states: Any, layer: int, token_ids: Any = None, return_routing: bool = False) -> Any: ...
+
+    def status(self) -> Any: ...
+
+    def health(self) -> bool: ...
+
+
+class RemoteError(MoEServeError):
+    """The service answered with a non-OK status that has no more specific error here."""
+
+    def __init__(self, *, code: str, details: str) -> None:
+        self._set(f"{code}: {details}", code=code, details=details)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSOptions:
+    """PEM files: the CA that signed the gateway's cert; for mutual TLS also a client cert and key."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class MoEClient:
+    RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+    def __init__(self, addresses: str | Sequence[str], token: str | None = None, tls: TLSOptions | None = None,
+                 timeout: float = 30.0, max_attempts: int = 6, backoff_s: float = 0.05) -> None:
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("MoEClient needs at least one gateway address")
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        if tls is not None:
+            creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
+            if tls.server_name:
+                opts.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channels = [grpc.secure_channel(a, creds, options=opts) for a in self.addresses]
+        else:
+            self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._stubs = [pb_grpc.ExpertServiceStub(c) for c in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self._next = itertools.count(random.randrange(len(self.addresses)))
+        self._lock = threading.Lock()
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        last: grpc.RpcError | None = None
+        for attempt in range(self.max_attempts):
+            with self._lock:
+                i = next(self._next) % len(self._stubs)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return getattr(self._stubs[i], method)(request, metadata=self._metadata, timeout=remaining)
+            except grpc.RpcError as e:
+                if e.code() not in self.RETRYABLE:
+                    raise _map_error(e) from None
+                last = e
+                pause = min(self.backoff_s * (2**attempt), 1.0) * (0.5 + random.random() / 2)
+                time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        if last is None:
+            raise RemoteError(code="DEADLINE_EXCEEDED", details="deadline passed before any attempt")
+        raise _map_error(last)
+
+    def forward(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
+                return_routing: bool = False, timeout: float | None = None, request_id: str = "") -> Any:
+        as_numpy = isinstance(hidden_states, np.ndarray)
+        t = torch.from_numpy(np.ascontiguousarray(hidden_states)) if as_numpy else hidden_states
+        data, dtype, shape = wire.to_bytes(t)
+        ids = [] if token_ids is None else np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids).reshape(-1).tolist()
+        req = pb.ForwardRequest(layer=int(layer), hidden_states=pb.Tensor(dtype=dtype, shape=list(shape), data=bytes(data)),
+                                token_ids=ids, return_routing=return_routing, request_id=request_id)
+        resp: pb.ForwardResponse = self._call("Forward", req, timeout)
+        h = resp.hidden_states
+        y = wire.from_bytes(h.data, h.dtype, list(h.shape)).clone()
+        out: Any = y.numpy() if as_numpy else y
+        if not return_routing:
+            return out
+        s = resp.stats
+        stats = RoutingStats(tokens_per_expert=tuple(s.tokens_per_expert), dropped=resp.dropped_tokens,
+                             rerouted=resp.rerouted_tokens, utilisation_entropy=s.utilisation_entropy,
+                             load_balancing_loss=s.load_balancing_loss, z_loss=s.z_loss, max_over_mean_load=s.max_over_mean_load)
+        report = RoutingReport(token_index=torch.tensor(list(resp.routing.token_index), dtype=torch.int64),
+                               expert=torch.tensor(list(resp.routing.expert), dtype=torch.int64),
+                               weight=torch.tensor(list(resp.routing.weight), dtype=torch.float32), stats=stats)
+        return out, report
+
+    def forward_response(self, hidden_states: torch.Tensor, layer: int, timeout: float | None = None) -> pb.ForwardResponse:
+        """The raw ForwardResponse (transport, degraded tokens, table version) for one request."""
+        data, dtype, shape = wire.to_bytes(hidden_states)
+        req = pb.ForwardRequest(layer=int(layer), hidden_states=pb.Tensor(dtype=dtype, shape=list(shape), data=bytes(data)))
+        return self._call("Forward", req, timeout)
+
+    def status(self, timeout: float | None = None) -> pb.StatusResponse:
+        return self._call("Status", pb.StatusRequest(), timeout)
+
+    def health(self, timeout: float = 5.0) -> bool:
+        """True when at least one gateway reports SERVING."""
+        for stub in self._health:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                continue
+        return False
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> "MoEClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _map_error(e: grpc.RpcError) -> MoEServeError:
+    code = e.code()
+    details = e.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequestError(field="request", problem=details)
+    return RemoteError(code=code.name, details=details)
