@@ -13,7 +13,8 @@ SHARED_PLACEMENTS = ("router", "slot")
 @dataclass(frozen=True, kw_only=True)
 class DataPlaneConfig:
     transport: str = "auto"
-    # a batch closes at this many tokens, or `batch_max_wait_us` after its first request.
+    # a batch closes at this many tokens, at once when no batch of its layer is in flight,
+    # or `batch_max_wait_us` after its first request (batching while busy).
     batch_max_tokens: int = 4096
     batch_max_wait_us: int = 500
     # resolved device of the expert groups: "cpu" or "cuda".

@@ -118,6 +118,7 @@ class Router:
         self._queues: dict[int, list[_Pending]] = {}
         self._queued_tokens: dict[int, int] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._in_flight: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
 
@@ -222,9 +223,12 @@ class Router:
             self._inflight_tokens -= tokens
 
     def _enqueue(self, layer: int, p: _Pending) -> None:
+        """Queue a request; a batch closes when it is full, when no batch of its layer is in flight
+        (an idle router adds no wait), or `batch_max_wait_us` after its first request."""
         self._queues.setdefault(layer, []).append(p)
         self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
-        if self._queued_tokens[layer] >= self.config.batch_max_tokens or self.config.batch_max_wait_us == 0:
+        full = self._queued_tokens[layer] >= self.config.batch_max_tokens
+        if full or self.config.batch_max_wait_us == 0 or not self._in_flight.get(layer):
             self._flush(layer)
         elif layer not in self._timers:
             self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self._flush, layer)
@@ -236,7 +240,14 @@ class Router:
         reqs = self._queues.pop(layer, [])
         self._queued_tokens[layer] = 0
         if reqs:
+            self._in_flight[layer] = self._in_flight.get(layer, 0) + 1
             asyncio.get_running_loop().create_task(self._run_batch(layer, reqs))
+
+    def _batch_done(self, layer: int) -> None:
+        """A batch of `layer` finished: what queued behind it goes now (batching while busy)."""
+        self._in_flight[layer] -= 1
+        if self._queues.get(layer) and not self._in_flight[layer]:
+            self._flush(layer)
 
     async def _run_batch(self, layer: int, reqs: list[_Pending]) -> None:
         try:
@@ -259,6 +270,8 @@ class Router:
             for r in reqs:
                 if not r.future.done():
                     r.future.set_exception(e)
+        finally:
+            self._batch_done(layer)
 
     def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
         gate = self.gates[layer]
