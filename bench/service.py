@@ -374,6 +374,49 @@ def _server_summary(c: dict[str, float], groups: int) -> dict[str, float]:
     return out
 
 
+# -- the machine ---------------------------------------------------------------
+
+def _cpu_snapshot() -> dict[str, float]:
+    """Busy CPU seconds of the whole machine, and of this process and its descendants (Linux /proc).
+
+    Their difference over the run is CPU taken by processes outside this benchmark: on a
+    2-core machine anything else running skews every number, so the run reports it.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        procs: dict[int, tuple[int, int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        rest = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                procs[int(d)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))  # ppid; utime stime cutime cstime
+    except OSError:
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        ours += procs.get(pid, (0, 0))[1]
+        todo += children.get(pid, [])
+    return {"machine_busy_s": (sum(v) - v[3] - v[4]) / hz, "ours_s": ours / hz, "t": time.perf_counter()}
+
+
+def _foreign(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    if not a or not b:
+        return {}
+    wall = b["t"] - a["t"]
+    foreign = max(0.0, (b["machine_busy_s"] - a["machine_busy_s"]) - (b["ours_s"] - a["ours_s"]))
+    return {"wall_s": wall, "ours_cpu_s": b["ours_s"] - a["ours_s"], "foreign_cpu_s": foreign,
+            "foreign_fraction": foreign / (wall * (os.cpu_count() or 1))}
+
+
 # -- the run -------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
@@ -426,6 +469,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"  {e.name:>18}: {line}")
             result["errors"] = errors
 
+            cpu0 = _cpu_snapshot()
             print(f"throughput at {LARGE} tokens ({args.repeats} repeats, {args.warmup} warm-up) ...", flush=True)
             times, server = _throughput(engines, x_large, args.repeats, args.warmup)
             result["throughput_large"] = {n: {"median_s": statistics.median(ts), "all_s": ts, "tokens_per_s": LARGE / statistics.median(ts),
@@ -434,6 +478,7 @@ def run(args: argparse.Namespace) -> dict:
                 for clients in (1, CLIENTS):
                     print(f"latency at {SMALL} tokens, {clients} client(s) ...", flush=True)
                     result[f"latency_{clients}"] = _latency(engines, inputs, clients, args.requests, args.budget_s, args.rounds, pool)
+            result["foreign_cpu"] = _foreign(cpu0, _cpu_snapshot())
             result["deployment_status"] = dep.status()
             result["auto_chains"] = deployments[-1].chains
             result["auto_measured_ms"] = state.get("auto_measured_ms", [])
@@ -575,8 +620,19 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
     lines += [f"- {t}" for t in _fmt_targets(targets)]
     chains = sorted({" > ".join(ch) for ch in result.get("auto_chains", [])})
     lines += ["", f"`auto` chose (over {len(result.get('auto_chains', []))} switches): " + "; ".join(f"`{ch}`" for ch in chains) + "."]
+    lines += [_foreign_line(result)]
     lines += [f"Startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["startup_s"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _foreign_line(result: dict) -> str:
+    f = result.get("foreign_cpu") or {}
+    if not f:
+        return "CPU used outside this benchmark: not measured (no /proc)."
+    warn = " WARNING: other processes competed for the CPUs; numbers are skewed." if f["foreign_fraction"] > 0.05 else ""
+    return (f"CPU used outside this benchmark during the timed phases: {f['foreign_cpu_s']:.1f} s of "
+            f"{f['wall_s'] * (os.cpu_count() or 1):.0f} core-seconds ({100 * f['foreign_fraction']:.1f}%); "
+            f"this run used {f['ours_cpu_s']:.0f} s.{warn}")
 
 
 def write_results_md(text: str, path: str = RESULTS_MD) -> None:
@@ -643,6 +699,7 @@ def main() -> int:
           f"router counters: {result['deployment_status']['routers'][0].get('counters')}")
     for line in _fmt_targets(targets):
         print("  " + line)
+    print(_foreign_line(result))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)

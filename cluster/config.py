@@ -25,7 +25,7 @@ import yaml
 from expert_workers.errors import ConfigError
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec, RoutingSpec
-from router_svc.config import SHARED_PLACEMENTS, TRANSPORT_MODES
+from router_svc.config import FAILOVER_POLICIES, SHARED_PLACEMENTS, TRANSPORT_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -67,6 +67,10 @@ class DeploymentSettings:
     batch_max_wait_us: int = 500
     device: str = "auto"
     shared_experts: str = "router"
+    # starting copies of every expert slot, on distinct groups (<= expert_groups).
+    replicas: int = 1
+    # what a request gets when no live replica hosts one of its experts: fail (UNAVAILABLE) or drop (degraded).
+    failover: str = "fail"
     # Ray resources per actor; a CPU group runs torch with int(group_cpus) threads (at least 1).
     group_cpus: float = 1.0
     group_gpus: float = 1.0
@@ -91,6 +95,10 @@ class DeploymentSettings:
             raise ConfigError(field=p + "device", value=self.device, expected=f"one of {DEVICES}")
         if self.shared_experts not in SHARED_PLACEMENTS:
             raise ConfigError(field=p + "shared_experts", value=self.shared_experts, expected=f"one of {SHARED_PLACEMENTS}")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or not 1 <= self.replicas <= self.expert_groups:
+            raise ConfigError(field=p + "replicas", value=self.replicas, expected=f"an integer in [1, expert_groups={self.expert_groups}]")
+        if self.failover not in FAILOVER_POLICIES:
+            raise ConfigError(field=p + "failover", value=self.failover, expected=f"one of {FAILOVER_POLICIES}")
         for name in ("group_cpus", "group_gpus", "router_cpus"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

@@ -19,9 +19,9 @@ import ray
 import torch
 
 from cluster.config import ServiceConfig, load_config
-from cluster.placement import all_slots, spread
+from cluster.placement import all_slots, spread_replicated
 from expert_workers import wire
-from expert_workers.group import ExpertGroup
+from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from expert_workers.source import open_source
 from expert_workers.spec import MoESpec
 from router_svc.config import DataPlaneConfig
@@ -78,8 +78,8 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
     device = _resolve_device(d.device)
     run_id = uuid.uuid4().hex[:6]
     name = f"{d.name}-{run_id}"
-    placement = spread(all_slots(spec, shared_as_slot=d.shared_experts == "slot"), d.expert_groups)
-    group_cls = ray.remote(ExpertGroup)
+    placement = spread_replicated(all_slots(spec, shared_as_slot=d.shared_experts == "slot"), d.expert_groups, d.replicas)
+    group_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
     groups, routers = [], []
     try:
         for i, slots in enumerate(placement):
@@ -96,7 +96,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
         table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
         gw = cfg.gateway
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
-                             device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts,
+                             device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts, failover=d.failover,
                              max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens)
         router_cls = ray.remote(Router)
         for i in range(d.routers):

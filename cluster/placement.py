@@ -16,6 +16,17 @@ def all_slots(spec: MoESpec, *, shared_as_slot: bool) -> list[tuple[int, int]]:
     return slots
 
 
+def spread_replicated(slots: Sequence[tuple[int, int]], num_groups: int, replicas: int) -> list[list[tuple[int, int]]]:
+    """Like `spread`, with `replicas` copies of every slot on distinct groups (copy r of slot i -> group (i + r) mod G)."""
+    if not 1 <= replicas <= num_groups:
+        raise ValueError(f"replicas must be in [1, num_groups={num_groups}], got {replicas}")
+    groups: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]
+    for i, slot in enumerate(slots):
+        for r in range(replicas):
+            groups[(i + r) % num_groups].append(slot)
+    return groups
+
+
 def spread(slots: Sequence[tuple[int, int]], num_groups: int) -> list[list[tuple[int, int]]]:
     """Deal slots round-robin so group sizes differ by at most one and each layer spans the groups.
 

@@ -30,6 +30,8 @@ from expert_workers.weights import SharedWeights
 
 # expert id of a layer's shared experts when they are hosted as a slot.
 SHARED = -1
+# Ray concurrency groups of the actor: health and admin calls never queue behind compute.
+CONCURRENCY_GROUPS = {"control": 2}
 
 
 def local_order(experts: Sequence[int]) -> list[int]:
@@ -146,6 +148,7 @@ class ExpertGroup:
         self._server, port = data_grpc.serve(self._grpc_forward, host=grpc_host)
         self.grpc_address = f"{grpc_host}:{port}"
 
+    @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {
@@ -158,9 +161,12 @@ class ExpertGroup:
             "threads": torch.get_num_threads(),
         }
 
+    @ray.method(concurrency_group="control")
     def ping(self) -> bool:
+        """Answered on its own thread, so a group busy computing still reads as alive."""
         return True
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
         return self.core.stats()
 

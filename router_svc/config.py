@@ -8,6 +8,7 @@ from expert_workers.errors import ConfigError
 
 TRANSPORT_MODES = ("auto", "rdt", "object_store", "grpc")
 SHARED_PLACEMENTS = ("router", "slot")
+FAILOVER_POLICIES = ("fail", "drop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,9 @@ class DataPlaneConfig:
     # creator may submit its RDT tasks, so one router per deployment owns the RDT path;
     # the others use the object store and gRPC.
     rdt_owner: bool = True
+    # no live replica for an expert: "fail" the request (UNAVAILABLE) or "drop" those
+    # assignments (the tokens are reported as degraded).
+    failover: str = "fail"
     # admission limits: one request's tokens, and tokens admitted but not yet answered.
     max_tokens_per_request: int = 65536
     max_queued_tokens: int = 262144
@@ -46,5 +50,7 @@ class DataPlaneConfig:
             raise ConfigError(field=p + "device", value=self.device, expected="'cpu' or 'cuda' once resolved")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(field="model.dtype", value=self.dtype, expected="one of ('float32', 'float16', 'bfloat16')")
+        if self.failover not in FAILOVER_POLICIES:
+            raise ConfigError(field=p + "failover", value=self.failover, expected=f"one of {FAILOVER_POLICIES}")
         if self.shared_experts not in SHARED_PLACEMENTS:
             raise ConfigError(field=p + "shared_experts", value=self.shared_experts, expected=f"one of {SHARED_PLACEMENTS}")

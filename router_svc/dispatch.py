@@ -75,9 +75,16 @@ def plan_by_group(token_N: torch.Tensor, expert_N: torch.Tensor, weight_N: torch
     if bool((g_N < 0).any()):
         missing = sorted({int(e) for e in expert_N[g_N < 0].tolist()})
         raise LookupError(f"no expert group hosts experts {missing}")
+    return plan_rows(token_N, weight_N, g_N, local_of[expert_N], orders=orders, part_type=part_type)
+
+
+def plan_rows(token_N: torch.Tensor, weight_N: torch.Tensor, g_N: torch.Tensor, l_N: torch.Tensor, *,
+              orders: list[list[int]], part_type: type) -> GroupPlan:
+    """Sort assignments already mapped to (group g_N, local slot l_N) into one contiguous part per group."""
+    local_of = l_N if l_N.numel() else torch.zeros(1, dtype=torch.int64)
     # NOTE: rows are sized by the longest slot order, which replicas can make longer than any index in use.
     slots = max(max((len(o) for o in orders), default=1), int(local_of.max()) + 1)
-    key_N = g_N * slots + local_of[expert_N]
+    key_N = g_N * slots + l_N
     key_sorted, order = torch.sort(key_N, stable=True)
     counts_GS = torch.bincount(key_sorted, minlength=len(orders) * slots).view(len(orders), slots).tolist()
     parts, start = [], 0

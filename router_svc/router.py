@@ -29,11 +29,11 @@ from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RouterWeights, SharedWeights
 from router_svc import admission
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import plan_by_group
+from router_svc.dispatch import plan_rows
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
 from router_svc.local import shared_forward
 from router_svc.table import RoutingTable, layer_orders
-from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, Part, RdtTransport, Transport, TransportError
+from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, Part, RdtTransport, Transport, TransportError
 
 if TYPE_CHECKING:
     from router_svc.gateway import GatewayConfig
@@ -53,6 +53,8 @@ class ForwardOutput:
     stats: RoutingStats | None = None
     dropped: int = 0
     rerouted: int = 0
+    # token indices (of this request) that lost an expert because no live replica hosted it.
+    degraded_tokens: tuple[int, ...] = ()
     transport: str = ""
     batch_requests: int = 1
     routing_table_version: int = 0
@@ -119,6 +121,8 @@ class Router:
         self._queued_tokens: dict[int, int] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._in_flight: dict[int, int] = {}
+        # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
+        self.dead: set[int] = set()
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
 
@@ -140,9 +144,18 @@ class Router:
 
             self.gateway = Gateway(self, self.gateway_config)
             await self.gateway.start()
-            self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms),
                 "gateway": None if self.gateway is None else self.gateway.address}
+
+    def _all_slots_live(self) -> bool:
+        """Every slot of every MoE layer has at least one live replica."""
+        for layer in self.spec.moe_layers:
+            hosted = self.table.lookup_alive(layer)[2] > 0
+            live = self.table.lookup_alive(layer, frozenset(self.dead))[2] > 0
+            if bool((hosted & ~live).any()):
+                return False
+        return True
 
     async def _watch_health(self, period_s: float = 1.0) -> None:
         """SERVING while every expert group answers a ping within the period."""
@@ -150,7 +163,9 @@ class Router:
             try:
                 pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in self.groups]
                 results = await asyncio.gather(*pings, return_exceptions=True)
-                await self.gateway.set_serving(all(r is True for r in results))
+                self.dead = {g for g, r in enumerate(results) if r is not True}
+                if self.gateway is not None:
+                    await self.gateway.set_serving(self._all_slots_live())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # never let one bad observation stop the watch
@@ -162,7 +177,7 @@ class Router:
         layer = self.spec.moe_layers[0]
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(64, self.spec.hidden_size, generator=gen).to(self.compute_dtype)
-        batch, _, _ = self._plan(layer, [self._assign(layer, x, None)], x)
+        batch, _, _, _ = self._plan(layer, [self._assign(layer, x, None)], x)
         timings = {}
         for tname in self._chain_for("auto"):
             t = self.transports[tname]
@@ -253,8 +268,18 @@ class Router:
         try:
             assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
             x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
-            batch, plan, offsets = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
-            y_ND, used = await self._dispatch(batch)
+            for _ in range(len(self.groups) + 1):
+                batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
+                try:
+                    y_ND, used = await self._dispatch(batch)
+                    break
+                except GroupsDown as e:
+                    # NOTE: retry at once on the other replicas; the health watch revives a group that answers again.
+                    log.warning("expert groups %s down; planning around them", list(e.groups))
+                    self.dead.update(e.groups)
+                    self.counters["failovers"] = self.counters.get("failovers", 0) + 1
+            else:
+                raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group")
             out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
             if layer in self.shared:
                 out_TD += shared_forward(x_all, self.shared[layer], self.spec)
@@ -264,8 +289,9 @@ class Router:
             for i, (r, a) in enumerate(zip(reqs, assignments)):
                 self.expert_tokens[layer] += torch.bincount(a.expert_N, minlength=self.spec.num_experts)
                 out = out_TD[offsets[i] : offsets[i + 1]]
+                mine = tuple(t - offsets[i] for t in degraded if offsets[i] <= t < offsets[i + 1])
                 if not r.future.done():
-                    r.future.set_result(self._answer(r, out, a, used, len(reqs)))
+                    r.future.set_result(self._answer(r, out, a, used, len(reqs), mine))
         except Exception as e:
             for r in reqs:
                 if not r.future.done():
@@ -295,14 +321,25 @@ class Router:
             tokens.append(all_tokens)
             experts.append(torch.full((total,), self.spec.num_experts, dtype=torch.int64))
             weights.append(w)
-        group_of, local_of = self.table.lookup(layer)
-        try:
-            plan = plan_by_group(torch.cat(tokens), torch.cat(experts), torch.cat(weights).float(), group_of=group_of,
-                                 local_of=local_of, orders=layer_orders(self.table, layer), part_type=Part)
-        except LookupError as e:
-            raise ExpertUnavailableError(layer=layer, expert=-1, reason=str(e)) from None
+        token_N, expert_N, weight_N = torch.cat(tokens), torch.cat(experts), torch.cat(weights).float()
+        group_ER, local_ER, count_E = self.table.lookup_alive(layer, frozenset(self.dead))
+        count_N = count_E[expert_N]
+        degraded: list[int] = []
+        if bool((count_N == 0).any()):
+            lost = count_N == 0
+            if self.config.failover == "fail":
+                e = int(expert_N[lost][0])
+                raise ExpertUnavailableError(layer=layer, expert=-1 if e == self.spec.num_experts else e,
+                                             reason="no live replica (failover policy 'fail')")
+            degraded = sorted(set(token_N[lost].tolist()))
+            keep = ~lost
+            token_N, expert_N, weight_N, count_N = token_N[keep], expert_N[keep], weight_N[keep], count_N[keep]
+        # NOTE: tokens of an expert are split evenly over its live replicas (by token index).
+        pick_N = token_N % count_N.clamp_min(1)
+        g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
+        plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
-        return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes
+        return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes, degraded
 
     async def _dispatch(self, batch: Batch) -> tuple[torch.Tensor, str]:
         """Try the transports of the chain in order, per batch; the first that answers wins."""
@@ -316,12 +353,15 @@ class Router:
                 if i > 0 or errors:
                     self.counters["fallbacks"] += 1 if errors else 0
                 return y, tname
+            except GroupsDown:
+                raise
             except TransportError as e:
                 log.warning("batch falls back from %s: %s", tname, e)
                 errors.append(str(e))
         raise ExpertUnavailableError(layer=batch.layer, expert=-1, reason="; ".join(errors) or "no transport available")
 
-    def _answer(self, r: _Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int) -> ForwardOutput:
+    def _answer(self, r: _Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int,
+                degraded: tuple[int, ...] = ()) -> ForwardOutput:
         out = out_TD.to(wire.DTYPES[r.dtype]).reshape(r.shape)
         arr, name = wire.to_numpy(out)
         routing = {}
@@ -331,7 +371,7 @@ class Router:
                 stats=routing_stats(a, self.spec.num_experts),
             )
         return ForwardOutput(
-            hidden_states=arr, dtype=name, dropped=a.dropped, rerouted=a.rerouted, transport=used,
+            hidden_states=arr, dtype=name, dropped=a.dropped, rerouted=a.rerouted, transport=used, degraded_tokens=degraded,
             batch_requests=batched, routing_table_version=self.table.version, **routing,
         )
 
@@ -347,6 +387,7 @@ class Router:
             "rdt_rebuilds": getattr(rdt, "rebuilds", 0),
             "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
             "rdt_owner": self.config.rdt_owner,
+            "dead": sorted(self.dead),
             "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers},
         }
 

@@ -48,6 +48,30 @@ class RoutingTable:
                 out.append((g, order.index(expert)))
         return out
 
+    def lookup_alive(self, layer: int, dead: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Live replicas per slot: (group_ER, local_ER, count_E) with R = most replicas of any slot.
+
+        Row E stands for the shared slot. count_E[e] = 0 when no live group hosts slot e.
+        """
+        key = (layer, dead)
+        if key not in self._lookup:
+            hosts: list[list[tuple[int, int]]] = [[] for _ in range(self.num_experts + 1)]
+            for g, slots in enumerate(self.placement):
+                if g in dead:
+                    continue
+                order = local_order([e for l, e in slots if l == layer])
+                for i, e in enumerate(order):
+                    hosts[self.num_experts if e == SHARED else e].append((g, i))
+            r = max(1, max(len(h) for h in hosts))
+            group = torch.full((self.num_experts + 1, r), -1, dtype=torch.int64)
+            local = torch.full((self.num_experts + 1, r), -1, dtype=torch.int64)
+            for e, h in enumerate(hosts):
+                for j, (g, i) in enumerate(h):
+                    group[e, j], local[e, j] = g, i
+            count = torch.tensor([len(h) for h in hosts], dtype=torch.int64)
+            self._lookup[key] = (group, local, count)  # type: ignore[assignment]
+        return self._lookup[key]  # type: ignore[return-value]
+
     def lookup(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(group_of, local_of), each (E+1,) int64; -1 where a slot has no host. First replica wins."""
         if layer not in self._lookup:

@@ -40,6 +40,14 @@ class TransportError(MoEServeError):
         self._set(f"transport {transport} failed: {reason}", transport=transport, reason=reason)
 
 
+class GroupsDown(TransportError):
+    """Expert groups died: the router plans again around them (other replicas) before any fallback."""
+
+    def __init__(self, *, transport: str, groups: tuple[int, ...], reason: str) -> None:
+        self._set(f"transport {transport}: expert groups {list(groups)} down: {reason}",
+                  transport=transport, groups=tuple(groups), reason=reason)
+
+
 class Transport(ABC):
     """One way to reach the expert groups. `groups[i]` is group i's actor handle."""
 

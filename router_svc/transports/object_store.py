@@ -8,7 +8,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from expert_workers import wire
-from router_svc.transports.base import Batch, Transport, TransportError
+from router_svc.transports.base import Batch, GroupsDown, Transport, TransportError
 
 
 class ObjectStoreTransport(Transport):
@@ -20,10 +20,14 @@ class ObjectStoreTransport(Transport):
             self.groups[p.group].forward.remote(batch.layer, list(p.experts), list(p.counts), x_np[p.start : p.end], dtype)
             for p in batch.parts
         ]
-        try:
-            outs = await asyncio.gather(*refs)
-        except RayTaskError as e:
-            raise e.as_instanceof_cause() from None
-        except RayActorError as e:
-            raise TransportError(transport=self.name, reason=f"expert group died: {e}") from e
+        results = await asyncio.gather(*refs, return_exceptions=True)
+        dead = tuple(p.group for p, r in zip(batch.parts, results) if isinstance(r, RayActorError))
+        if dead:
+            raise GroupsDown(transport=self.name, groups=dead, reason="actor died")
+        for r in results:
+            if isinstance(r, RayTaskError):
+                raise r.as_instanceof_cause() from None
+            if isinstance(r, BaseException):
+                raise TransportError(transport=self.name, reason=f"{type(r).__name__}: {r}") from r
+        outs = results
         return torch.cat([wire.from_numpy(o, dtype) for o in outs]) if outs else batch.x_ND[:0].clone()
