@@ -69,8 +69,11 @@ class DeploymentSettings:
     shared_experts: str = "router"
     # starting copies of every expert slot, on distinct groups (<= expert_groups).
     replicas: int = 1
-    # what a request gets when no live replica hosts one of its experts: fail (UNAVAILABLE) or drop (degraded).
-    failover: str = "fail"
+    # no live replica for one of a request's experts: wait (for the supervisor), fail (UNAVAILABLE) or drop (degraded).
+    failover: str = "wait"
+    # run the supervisor (replaces dead groups); off only to observe failover policies alone.
+    supervisor: bool = True
+    supervisor_period_s: float = 0.5
     # Ray resources per actor; a CPU group runs torch with int(group_cpus) threads (at least 1).
     group_cpus: float = 1.0
     group_gpus: float = 1.0

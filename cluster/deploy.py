@@ -21,6 +21,7 @@ import torch
 from cluster.config import ServiceConfig, load_config
 from cluster.placement import all_slots, spread_replicated
 from expert_workers import wire
+from cluster.supervisor import Supervisor
 from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from expert_workers.source import open_source
 from expert_workers.spec import MoESpec
@@ -105,11 +106,24 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
                 f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE,
                 _gateway_config(cfg, i)))
         started = ray.get([r.start.remote() for r in routers])
+        supervisor = None
+        if d.supervisor:
+            group_opts = {k: v for k, v in opts.items() if k not in ("name", "namespace")}
+            group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host)
+            sup_opts: dict[str, Any] = dict(name=f"{name}-supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
+            if detached:
+                sup_opts["lifetime"] = "detached"
+            supervisor = ray.remote(Supervisor).options(**sup_opts).remote(
+                name, NAMESPACE, source, group_opts, group_kwargs, placement, spec.num_experts,
+                [f"{name}-group-{i}" for i in range(len(groups))], [f"{name}-router-{i}" for i in range(len(routers))],
+                d.supervisor_period_s)
+            ray.get(supervisor.status.remote())
     except BaseException:
         for actor in routers + groups:
             ray.kill(actor)
         raise
     dep = Deployment(name=name, spec=spec, config=cfg, groups=groups, routers=routers, table=table, device=device)
+    dep.supervisor = supervisor
     dep.gateway_addresses = [s["gateway"] for s in started if s.get("gateway")]
     return dep
 
@@ -139,6 +153,7 @@ class Deployment:
         # True when deploy() started an embedded Ray for this deployment; shutdown() then stops it.
         self.started_ray = False
         self.gateway_addresses: list[str] = []
+        self.supervisor: Any = None
 
     def submit(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
                return_routing: bool = False, request_id: str = "") -> ray.ObjectRef:
@@ -209,10 +224,23 @@ class Deployment:
         except Exception:
             return False
 
+    def current_groups(self) -> list[Any]:
+        """Handles of the expert groups now serving (the supervisor replaces dead ones)."""
+        if self.supervisor is None:
+            return list(self.groups)
+        names = ray.get(self.supervisor.status.remote(), timeout=30)["groups"]
+        return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self.supervisor is not None:
+            try:
+                ray.get(self.supervisor.stop.remote(), timeout=60)
+            except Exception as e:
+                log.info("supervisor stop: %s", e)
+            ray.kill(self.supervisor, no_restart=True)
         for r in self.routers:
             try:
                 ray.get(r.shutdown.remote(), timeout=10)
@@ -228,6 +256,12 @@ class Deployment:
                 ray.kill(actor)
             except Exception:
                 pass
+        for entry in ray.util.list_named_actors(all_namespaces=True):  # replacements the supervisor made
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{self.name}-"):
+                try:
+                    ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
+                except Exception:
+                    pass
         if self.started_ray:
             ray.shutdown()
 

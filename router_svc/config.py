@@ -8,7 +8,7 @@ from expert_workers.errors import ConfigError
 
 TRANSPORT_MODES = ("auto", "rdt", "object_store", "grpc")
 SHARED_PLACEMENTS = ("router", "slot")
-FAILOVER_POLICIES = ("fail", "drop")
+FAILOVER_POLICIES = ("wait", "fail", "drop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,9 +27,11 @@ class DataPlaneConfig:
     # creator may submit its RDT tasks, so one router per deployment owns the RDT path;
     # the others use the object store and gRPC.
     rdt_owner: bool = True
-    # no live replica for an expert: "fail" the request (UNAVAILABLE) or "drop" those
-    # assignments (the tokens are reported as degraded).
-    failover: str = "fail"
+    # no live replica for an expert: "wait" for the supervisor to restore one, "fail" the
+    # request (UNAVAILABLE), or "drop" those assignments (tokens reported as degraded).
+    failover: str = "wait"
+    # how long `wait` holds a batch for the supervisor to restore a host.
+    failover_wait_s: float = 60.0
     # admission limits: one request's tokens, and tokens admitted but not yet answered.
     max_tokens_per_request: int = 65536
     max_queued_tokens: int = 262144

@@ -60,6 +60,12 @@ class ForwardOutput:
     routing_table_version: int = 0
 
 
+class _NoLiveReplica(Exception):
+    def __init__(self, expert: int) -> None:
+        super().__init__(expert)
+        self.expert = expert
+
+
 @dataclass
 class _Pending:
     x_TD: torch.Tensor
@@ -123,6 +129,7 @@ class Router:
         self._in_flight: dict[int, int] = {}
         # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
         self.dead: set[int] = set()
+        self._table_changed = asyncio.Event()
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
 
@@ -268,8 +275,20 @@ class Router:
         try:
             assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
             x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
-            for _ in range(len(self.groups) + 1):
-                batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
+            waited_until = time.monotonic() + self.config.failover_wait_s
+            for _ in range(len(self.groups) + 8):
+                try:
+                    batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
+                except _NoLiveReplica as e:
+                    # NOTE: failover 'wait': hold the batch until the supervisor publishes a table with a live host.
+                    remaining = waited_until - time.monotonic()
+                    if remaining <= 0:
+                        raise ExpertUnavailableError(layer=layer, expert=e.expert, reason="no live replica within failover_wait_s") from None
+                    try:
+                        await asyncio.wait_for(self._table_changed.wait(), timeout=remaining)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
                 try:
                     y_ND, used = await self._dispatch(batch)
                     break
@@ -327,6 +346,8 @@ class Router:
         degraded: list[int] = []
         if bool((count_N == 0).any()):
             lost = count_N == 0
+            if self.config.failover == "wait":
+                raise _NoLiveReplica(int(expert_N[lost][0]))
             if self.config.failover == "fail":
                 e = int(expert_N[lost][0])
                 raise ExpertUnavailableError(layer=layer, expert=-1 if e == self.spec.num_experts else e,
@@ -410,6 +431,23 @@ class Router:
                     "requests": self.counters["requests"], "batches": self.counters["batches"]}]
         return {"model": self.spec.family, "routing_table_version": self.table.version, "experts": experts,
                 "groups": groups, "routers": routers}
+
+    async def update_table(self, table: RoutingTable, groups: Sequence[Any]) -> int:
+        """Adopt a newer routing table atomically (batches planned after this call use it)."""
+        if table.version <= self.table.version:
+            return self.table.version
+        rdt = self.transports["rdt"]
+        if getattr(rdt, "group", None) is not None:
+            await rdt.close()  # members changed: the collective group is rebuilt with the new ones
+        self.table = table
+        self.groups = list(groups)
+        addresses = [g.grpc_address for g in table.groups]
+        for t in self.transports.values():
+            t.groups, t.addresses = self.groups, addresses
+        self.dead = set()
+        self._table_changed.set()
+        self._table_changed = asyncio.Event()
+        return table.version
 
     async def set_transport(self, mode: str) -> dict[str, Any]:
         """Switch the transport mode at run time (same chains as `deployment.transport`)."""

@@ -10,6 +10,7 @@ Notes on what Ray does here:
 - `--node-ip-address=127.0.0.1` is not kept as given: `ray start` swaps a loopback address
   for the machine's routable one (`services.resolve_ip_for_localhost`), and the GCS listens
   on all interfaces. `127.0.0.1:<port>` still reaches it, so that is what the CLI is given.
+- Ray's token auth is on (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN) for the nodes and every driver.
 - Every port a node would otherwise take at its fixed default (ray client 10001, the
   dashboard agent 52365, ...) is given a free one, and the nodes write their sessions under
   a private temp dir, so this cluster neither collides with nor is found by (`address=auto`)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -84,6 +86,9 @@ while True:
         break
     time.sleep(1.0)
 print("ACTORS " + json.dumps(names))
+from ray.experimental import internal_kv
+keys = [k.decode() if isinstance(k, bytes) else k for k in internal_kv._internal_kv_list("", namespace="moe-serve")]
+print("KV " + json.dumps(sorted(k for k in keys if prefix.rstrip("-") in k)))
 """
 
 
@@ -216,8 +221,11 @@ def _python(cluster: RealCluster, script: str, *args: str, timeout: float = CLI_
 def real_cluster():
     """A head and a worker node, 4 CPUs each, started with `ray start --block` in their own sessions."""
     temp_dir = tempfile.mkdtemp(prefix="mrc", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
-    base_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOE_SERVE_TOKEN")}
-    base_env.update(PYTHONUNBUFFERED="1")
+    drop = ("RAY_ADDRESS", "MOE_SERVE_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    base_env = {k: v for k, v in os.environ.items() if k not in drop}
+    # Ray's own token auth, on for every node and every driver, with a token of this cluster's own: an explicit
+    # address never turns it on in a driver by itself (Ray 2.60: only address=auto reads ~/.ray/auth_token for that).
+    base_env.update(PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     (gcs, client, dash, h_agent_http, h_agent_grpc, h_metrics, h_rtenv,
      w_agent_http, w_agent_grpc, w_metrics, w_rtenv) = _free_ports(11)
     address = f"127.0.0.1:{gcs}"
@@ -270,6 +278,8 @@ def _wait_for_nodes(cluster: RealCluster, want: int) -> list[dict]:
             last = f"only {len(nodes)} alive: {nodes}"
         else:
             last = f"rc {r.returncode}: {r.stderr[-2000:]}"
+            if "AuthenticationError" in r.stderr:
+                break  # a misconfiguration, not a slow start
         time.sleep(2.0)
     pytest.fail(f"cluster did not reach {want} alive nodes: {last}\n" + "\n".join(n.tail() for n in cluster.nodes))
 
@@ -383,7 +393,10 @@ def test_up_status_down_on_a_real_two_node_cluster(real_cluster: RealCluster, tm
     for actor in (f"{dep_name}-group-0", f"{dep_name}-group-1", f"{dep_name}-router-0"):
         assert actor in r.stdout, _show(r)
 
-    left = json.loads(re.search(r"^ACTORS (.*)$", _python(cluster, _ACTORS, f"{dep_name}-", "120"), re.M).group(1))
+    out = _python(cluster, _ACTORS, f"{dep_name}-", "120")
+    left = json.loads(re.search(r"^ACTORS (.*)$", out, re.M).group(1))
+    kv_left = json.loads(re.search(r"^KV (.*)$", out, re.M).group(1))
+    print(f"[real-cluster] after down: named actors {left}, GCS KV keys (namespace moe-serve) {kv_left}")
     assert left == [], f"actors left after down: {left}"
 
     with MoEClient(gateways, token=TOKEN, timeout=10.0, max_attempts=3) as gone:

@@ -31,7 +31,7 @@ def _deploy(name: str, **deployment) -> tuple:
 
 
 def test_group_killed_under_traffic_with_replicas_loses_nothing(ray_local) -> None:
-    dep, ref = _deploy("fo2", replicas=2)
+    dep, ref = _deploy("fo2", replicas=2, supervisor=False)
     try:
         gen = torch.Generator().manual_seed(1)
         xs = [torch.randn(1 + i % 50, 32, generator=gen) for i in range(240)]
@@ -57,7 +57,7 @@ def test_group_killed_under_traffic_with_replicas_loses_nothing(ray_local) -> No
 
 
 def test_no_replica_left_fails_with_a_reason(ray_local) -> None:
-    dep, ref = _deploy("fofail", replicas=1, failover="fail")
+    dep, ref = _deploy("fofail", replicas=1, failover="fail", supervisor=False)
     try:
         x = torch.randn(64, 32)
         assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
@@ -69,7 +69,7 @@ def test_no_replica_left_fails_with_a_reason(ray_local) -> None:
 
 
 def test_no_replica_left_drops_and_reports_degraded_tokens_exactly(ray_local) -> None:
-    dep, ref = _deploy("fodrop", replicas=1, failover="drop")
+    dep, ref = _deploy("fodrop", replicas=1, failover="drop", supervisor=False)
     try:
         layer = 1
         x = torch.randn(80, 32, generator=torch.Generator().manual_seed(2))
@@ -97,5 +97,42 @@ def test_no_replica_left_drops_and_reports_degraded_tokens_exactly(ray_local) ->
                 y = ex.forward(x[rows], [int(rows.sum()) if i == e else 0 for i in range(6)])
                 partial[rows] += y * w[rows, e][:, None]
         assert _rel(got[~keep], partial[~keep]) < 1e-6
+    finally:
+        dep.shutdown()
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_supervisor_replaces_a_killed_group_and_wait_loses_nothing(ray_local, replicas: int) -> None:
+    """failover=wait with the supervisor: requests hold until the group is back; none fails, all exact."""
+    dep, ref = _deploy(f"fosup{replicas}", replicas=replicas, failover="wait")
+    try:
+        gen = torch.Generator().manual_seed(3)
+        xs = [torch.randn(1 + i % 40, 32, generator=gen) for i in range(160)]
+
+        def client(k: int) -> int:
+            for i in range(k, len(xs), 8):
+                got = dep.forward(xs[i], i % 2)
+                assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-6
+            return len(range(k, len(xs), 8))
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, k) for k in range(8)]
+            time.sleep(0.5)
+            victim = dep.current_groups()[0]
+            ray.kill(victim)
+            assert sum(f.result() for f in futures) == len(xs)
+        deadline = time.time() + 60
+        while True:
+            st = ray.get(dep.supervisor.status.remote())
+            if st["events"]:
+                break
+            assert time.time() < deadline, "the supervisor never replaced the group"
+            time.sleep(0.2)
+        event = st["events"][-1]
+        assert event["kind"] == "failover" and event["groups"] == [0] and event["recovery_s"] > 0
+        assert st["groups"][0].endswith("-r1") and st["version"] >= 2
+        assert ray.get(dep.routers[0].status.remote())["routing_table_version"] == st["version"]
+        x = torch.randn(33, 32)
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
     finally:
         dep.shutdown()
