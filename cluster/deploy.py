@@ -213,8 +213,15 @@ class Deployment:
                 routers.append({"alive": True, **ray.get(r.status.remote(), timeout=timeout)})
             except Exception as e:
                 routers.append({"alive": False, "error": str(e)})
+        supervisor = None
+        if self.supervisor is not None:
+            try:
+                supervisor = ray.get(self.supervisor.status.remote(), timeout=timeout)
+            except Exception as e:
+                supervisor = {"alive": False, "error": str(e)}
+        version = max([self.table.version] + [r.get("routing_table_version", 0) for r in routers])
         return {"name": self.name, "model": self.spec.family, "device": self.device,
-                "routing_table_version": self.table.version, "groups": groups, "routers": routers}
+                "routing_table_version": version, "groups": groups, "routers": routers, "supervisor": supervisor}
 
     def health(self, timeout: float = 10.0) -> bool:
         """True when every router and every expert group answers."""

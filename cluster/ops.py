@@ -84,6 +84,14 @@ def down(address: str, name: str | None = None) -> list[str]:
         entry = registry.lookup(dname)
         if entry is None:
             raise LookupError(f"no deployment named {dname!r}; known: {registry.names()}")
+        supervisor = _actor(f"{dname}-supervisor")
+        if supervisor is not None:  # first, or it would replace the groups being removed
+            try:
+                ray.get(supervisor.stop.remote(), timeout=60)
+            except Exception:
+                pass
+            ray.kill(supervisor, no_restart=True)
+            removed.append(f"{dname}-supervisor")
         for rname in entry["routers"]:
             actor = _actor(rname)
             if actor is not None:

@@ -89,7 +89,7 @@ def _response(out: "ForwardOutput") -> pb.ForwardResponse:
     resp = pb.ForwardResponse(
         hidden_states=pb.Tensor(dtype=out.dtype, shape=list(out.hidden_states.shape), data=out.hidden_states.tobytes()),
         dropped_tokens=out.dropped, rerouted_tokens=out.rerouted, routing_table_version=out.routing_table_version,
-        transport=out.transport,
+        transport=out.transport, degraded_tokens=list(out.degraded_tokens),
     )
     if out.token_index is not None:
         resp.routing.token_index.extend(out.token_index.tolist())

@@ -384,6 +384,10 @@ def test_up_status_down_on_a_real_two_node_cluster(real_cluster: RealCluster, tm
     assert r.returncode == 0, _show(r)
     assert [x["name"] for x in json.loads(r.stdout)] == [dep_name]
 
+    r = _cli(cluster, "status", "--json")  # no --address: 'auto', which RAY_ADDRESS overrides (how a job's driver runs it)
+    assert r.returncode == 0, _show(r)
+    assert dep_name in [x["name"] for x in json.loads(r.stdout)], r.stdout
+
     # -- down -----------------------------------------------------------------------------------
     t0 = time.monotonic()
     r = _cli(cluster, "down", "--address", cluster.address, "--name", dep_name)
@@ -415,3 +419,70 @@ def test_up_status_down_on_a_real_two_node_cluster(real_cluster: RealCluster, tm
     assert r.returncode == 2 and "no deployment named" in r.stderr, _show(r)
 
     print(f"[real-cluster] timings: {cluster.timings}")
+
+
+_DRIVER = r"""
+import json, sys
+import torch
+from cluster import deploy
+from router_svc.local import LocalMoE
+config, kwargs = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+dep = deploy(config, detached=True, **kwargs)
+try:
+    assert dep.health(timeout=60), dep.status()
+    ref = LocalMoE.from_config(config["model"]["random"], seed=config["model"]["seed"])
+    x = torch.randn(13, config["model"]["random"]["hidden_size"], generator=torch.Generator().manual_seed(2))
+    err = float((dep.forward(x, 1) - ref.forward(x, 1)).norm() / ref.forward(x, 1).norm())
+    assert err < 1e-6, err
+    print("DEPLOYED " + json.dumps({"name": dep.name, "gateways": dep.gateway_addresses, "rel_err": err}))
+finally:
+    dep.shutdown()
+"""
+
+
+def _driver(cluster: RealCluster, name: str, **kwargs: object) -> subprocess.CompletedProcess:
+    """A driver as `ray job submit` runs one: RAY_ADDRESS set, no ray.init of its own, cluster.deploy(..., detached=True)."""
+    config = {"model": {"random": SPEC, "seed": SEED}, "gateway": {"port": 0}, "auth": {"token": TOKEN},
+              "deployment": {"name": name, "expert_groups": 2, "transport": "object_store"}}
+    cluster.check_nodes_running()
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", _DRIVER, cluster.address, json.dumps(config), json.dumps(kwargs)],
+                       capture_output=True, text=True, env=cluster.env, cwd=REPO, timeout=CLI_UP_S)
+    print(f"[real-cluster] driver deploy({name!r}, detached=True, **{kwargs}) -> rc {r.returncode} in {time.monotonic() - t0:.1f} s")
+    return r
+
+
+def test_driver_deploy_with_address_auto(real_cluster: RealCluster) -> None:
+    """What docs/deploy.md tells a `ray job submit` driver to do: deploy(config, address="auto", detached=True)."""
+    r = _driver(real_cluster, "realdrv", address="auto")
+    assert r.returncode == 0 and "DEPLOYED " in r.stdout, _show(r)
+    print(r.stdout.strip())
+
+
+def test_driver_deploy_without_address_under_ray_address(real_cluster: RealCluster) -> None:
+    """LIBRARY BUG (pinned): deploy(config) with no address, in a process where RAY_ADDRESS names a running cluster
+    (every `ray job submit` driver), fails. cluster/deploy.py `_ensure_ray(None, ...)` calls
+    `ray.init(namespace=..., num_cpus=..., include_dashboard=False)`; ray.init then takes RAY_ADDRESS, connects to the
+    existing cluster and refuses `num_cpus` ("When connecting to an existing cluster, num_cpus and num_gpus must not be
+    provided"). Expected: connect to the cluster RAY_ADDRESS names (as address="auto" does)."""
+    r = _driver(real_cluster, "realenv")
+    assert r.returncode == 0 and "DEPLOYED " in r.stdout, _show(r)
+
+
+def test_down_leaves_no_state_in_gcs_kv(real_cluster: RealCluster, tmp_path: Path) -> None:
+    """LIBRARY BUG (pinned): `moe-serve down` ray.kill()s the supervisor (cluster/ops.py `down`) without calling its
+    `stop()`, so the supervisor's state `supervisor:<deployment>` stays in GCS KV (namespace moe-serve) after the
+    deployment is gone (Deployment.shutdown() calls stop() and leaves nothing). Expected: no key of the deployment."""
+    cluster = real_cluster
+    cfg_path = tmp_path / "kv.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": {"random": SPEC, "seed": SEED}, "gateway": {"port": 0},
+                                        "deployment": {"name": "realkv", "expert_groups": 2, "transport": "object_store"}}))
+    r = _cli(cluster, "up", "--config", str(cfg_path), "--address", cluster.address, timeout=CLI_UP_S)
+    assert r.returncode == 0, _show(r)
+    dep_name = re.search(r"^deployment (\S+) is SERVING$", r.stdout, re.M).group(1)
+    r = _cli(cluster, "down", "--address", cluster.address, "--name", dep_name)
+    assert r.returncode == 0, _show(r)
+    out = _python(cluster, _ACTORS, f"{dep_name}-", "120")
+    assert json.loads(re.search(r"^ACTORS (.*)$", out, re.M).group(1)) == []
+    kv_left = json.loads(re.search(r"^KV (.*)$", out, re.M).group(1))
+    assert kv_left == [], f"GCS KV keys of {dep_name} left after `moe-serve down`: {kv_left}"
