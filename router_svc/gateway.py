@@ -157,15 +157,17 @@ class Gateway:
     def __init__(self, router: "Router", config: GatewayConfig) -> None:
         self.config = config
         interceptors = [_BearerAuth(config.token)] if config.token else []
+        # NOTE: SO_REUSEPORT off: otherwise a second gateway silently shares a port that one already serves.
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes)]
+                ("grpc.max_send_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=opts)
         pb_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(router), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
-        target = f"{config.host}:{config.port}"
+        host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+        target = f"{host}:{config.port}"
         if config.tls_cert:
             creds = grpc.ssl_server_credentials(
                 [(_read(config.tls_key), _read(config.tls_cert))],
@@ -177,7 +179,7 @@ class Gateway:
             self.port = self.server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"gateway cannot bind {target}")
-        self.address = f"{config.host}:{self.port}"
+        self.address = f"{host}:{self.port}"
 
     async def start(self) -> None:
         await self.server.start()

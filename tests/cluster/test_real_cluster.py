@@ -402,6 +402,7 @@ def test_up_status_down_on_a_real_two_node_cluster(real_cluster: RealCluster, tm
     kv_left = json.loads(re.search(r"^KV (.*)$", out, re.M).group(1))
     print(f"[real-cluster] after down: named actors {left}, GCS KV keys (namespace moe-serve) {kv_left}")
     assert left == [], f"actors left after down: {left}"
+    assert kv_left == [], f"GCS KV keys of {dep_name} left after down: {kv_left}"
 
     with MoEClient(gateways, token=TOKEN, timeout=10.0, max_attempts=3) as gone:
         assert not gone.health(timeout=5.0)
@@ -459,20 +460,10 @@ def test_driver_deploy_with_address_auto(real_cluster: RealCluster) -> None:
     print(r.stdout.strip())
 
 
-def test_driver_deploy_without_address_under_ray_address(real_cluster: RealCluster) -> None:
-    """LIBRARY BUG (pinned): deploy(config) with no address, in a process where RAY_ADDRESS names a running cluster
-    (every `ray job submit` driver), fails. cluster/deploy.py `_ensure_ray(None, ...)` calls
-    `ray.init(namespace=..., num_cpus=..., include_dashboard=False)`; ray.init then takes RAY_ADDRESS, connects to the
-    existing cluster and refuses `num_cpus` ("When connecting to an existing cluster, num_cpus and num_gpus must not be
-    provided"). Expected: connect to the cluster RAY_ADDRESS names (as address="auto" does)."""
-    r = _driver(real_cluster, "realenv")
-    assert r.returncode == 0 and "DEPLOYED " in r.stdout, _show(r)
-
-
 def test_down_leaves_no_state_in_gcs_kv(real_cluster: RealCluster, tmp_path: Path) -> None:
-    """LIBRARY BUG (pinned): `moe-serve down` ray.kill()s the supervisor (cluster/ops.py `down`) without calling its
-    `stop()`, so the supervisor's state `supervisor:<deployment>` stays in GCS KV (namespace moe-serve) after the
-    deployment is gone (Deployment.shutdown() calls stop() and leaves nothing). Expected: no key of the deployment."""
+    """`moe-serve down` leaves neither actors nor GCS KV state (`deployment:<name>`, `supervisor:<name>`) behind.
+
+    Regression: `down` once ray.kill()ed the supervisor without its `stop()`, leaving `supervisor:<name>` in GCS KV."""
     cluster = real_cluster
     cfg_path = tmp_path / "kv.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": {"random": SPEC, "seed": SEED}, "gateway": {"port": 0},
@@ -486,3 +477,13 @@ def test_down_leaves_no_state_in_gcs_kv(real_cluster: RealCluster, tmp_path: Pat
     assert json.loads(re.search(r"^ACTORS (.*)$", out, re.M).group(1)) == []
     kv_left = json.loads(re.search(r"^KV (.*)$", out, re.M).group(1))
     assert kv_left == [], f"GCS KV keys of {dep_name} left after `moe-serve down`: {kv_left}"
+
+
+def test_driver_deploy_without_address_under_ray_address(real_cluster: RealCluster) -> None:
+    """LIBRARY BUG (pinned): deploy(config) with no address, in a process where RAY_ADDRESS names a running cluster
+    (every `ray job submit` driver), fails. cluster/deploy.py `_ensure_ray(None, ...)` calls
+    `ray.init(namespace=..., num_cpus=..., include_dashboard=False)`; ray.init then takes RAY_ADDRESS, connects to the
+    existing cluster and refuses `num_cpus` ("When connecting to an existing cluster, num_cpus and num_gpus must not be
+    provided"). Expected: connect to the cluster RAY_ADDRESS names (as address="auto" does)."""
+    r = _driver(real_cluster, "realenv")
+    assert r.returncode == 0 and "DEPLOYED " in r.stdout, _show(r)
