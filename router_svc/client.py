@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -168,5 +169,6 @@ def _map_error(e: grpc.RpcError) -> MoEServeError:
     code = e.code()
     details = e.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequestError(field="request", problem=details)
+        m = re.match(r"^invalid request field '([^']*)': (.*)$", details, re.S)
+        return InvalidRequestError(field=m.group(1), problem=m.group(2)) if m else InvalidRequestError(field="request", problem=details)
     return RemoteError(code=code.name, details=details)
