@@ -39,6 +39,8 @@ def _ensure_ray(address: str | None, cpus_needed: float) -> bool:
     """Connect to Ray (or start an embedded local instance). Returns True if this call started it."""
     if ray.is_initialized():
         return False
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = "auto"  # a `ray job submit` driver: join the cluster it runs on
     if address is not None:
         ray.init(address=address, namespace=NAMESPACE)
         return False
@@ -84,7 +86,10 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
     groups, routers = [], []
     try:
         for i, slots in enumerate(placement):
-            opts: dict[str, Any] = {"name": f"{name}-group-{i}", "namespace": NAMESPACE, "num_cpus": d.group_cpus}
+            # NOTE: SPREAD puts groups on different nodes where there are several, so replicas of one
+            # expert (always on distinct groups) rarely share a node.
+            opts: dict[str, Any] = {"name": f"{name}-group-{i}", "namespace": NAMESPACE, "num_cpus": d.group_cpus,
+                                    "scheduling_strategy": "SPREAD"}
             if detached:
                 opts["lifetime"] = "detached"
             if device == "cuda":

@@ -458,6 +458,9 @@ def test_driver_deploy_with_address_auto(real_cluster: RealCluster) -> None:
     r = _driver(real_cluster, "realdrv", address="auto")
     assert r.returncode == 0 and "DEPLOYED " in r.stdout, _show(r)
     print(r.stdout.strip())
+    name = json.loads(re.search(r"^DEPLOYED (.*)$", r.stdout, re.M).group(1))["name"]
+    out = _python(real_cluster, _ACTORS, f"{name}-", "120")
+    assert json.loads(re.search(r"^ACTORS (.*)$", out, re.M).group(1)) == [], out
 
 
 def test_down_leaves_no_state_in_gcs_kv(real_cluster: RealCluster, tmp_path: Path) -> None:
