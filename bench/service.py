@@ -441,7 +441,10 @@ def run(args: argparse.Namespace) -> dict:
             dep = deploy({"model": {"path": tmp}, "deployment": {
                 "name": "bench", "expert_groups": GROUPS, "routers": 1, "group_cpus": 1, "router_cpus": 1,
                 "transport": "auto", "device": "cpu", "grpc_host": "127.0.0.1",
-                **({} if args.batch_wait_us is None else {"batch_max_wait_us": args.batch_wait_us})}})
+                **({} if args.batch_wait_us is None else {"batch_max_wait_us": args.batch_wait_us})},
+                # NOTE: the gateway stays on (the default) but on any free loopback port, not the fixed
+                # default 50051, which another deployment on this machine may hold.
+                "gateway": {"port": 0}})
             result["deployment_settings"] = {k: getattr(dep.config.deployment, k) for k in (
                 "expert_groups", "routers", "group_cpus", "router_cpus", "batch_max_tokens", "batch_max_wait_us")}
             state: dict[str, Any] = {"mode": "auto"}
@@ -583,7 +586,8 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
     m, c, d = result["machine"], result["config"], result["deployment_settings"]
     lines = [
         SECTION, "",
-        f"Written by `python bench/service.py` on {m['date']}; raw numbers in `bench/results/service.json`.",
+        f"Written by `python bench/service.py` on {m['date']} at commit `{result['commit']}`; raw numbers in "
+        "`bench/results/service.json`.",
         "",
         f"Machine: {m['cores']} cores, {m['platform']}, Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads in the driver), Ray {m['ray']}, no GPU. "
@@ -680,6 +684,12 @@ def main() -> int:
     result = run(args)
     result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()
     result["wall_s"] = time.perf_counter() - t_start
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"],
+                             capture_output=True, text=True, cwd=repo).stdout.split("\n")
+    changed = [line[3:] for line in changed if line.strip()]
+    result["commit"] = (head or "unknown") + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
     result["machine"] = {
         "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ray": ray.__version__,
