@@ -188,7 +188,7 @@ def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
     dep = deploy({"model": {"random": random_spec}, "gateway": {"port": 0}, "deployment": {"name": "bye", "expert_groups": 3, "routers": 2, "transport": "rdt"}})
     assert dep.forward(torch.randn(3, 48), 0).shape == (3, 48)
     names = _alive_actor_names(dep.name)
-    assert len(names) == 3 + 2 + 1, names  # groups, routers, the RDT peer of the owning router
+    assert len(names) == 3 + 2 + 1 + 1, names  # groups, routers, the owning router's RDT peer, the supervisor
     assert [ray.get(r.status.remote())["rdt_owner"] for r in dep.routers] == [True, False]
     dep.shutdown()
     deadline = time.time() + 30
