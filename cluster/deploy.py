@@ -39,14 +39,29 @@ def _ensure_ray(address: str | None, cpus_needed: float) -> bool:
     """Connect to Ray (or start an embedded local instance). Returns True if this call started it."""
     if ray.is_initialized():
         return False
-    if address is None and os.environ.get("RAY_ADDRESS"):
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    if address is None and env_address and env_address != "local":
         address = "auto"  # a `ray job submit` driver: join the cluster it runs on
     if address is not None:
         ray.init(address=address, namespace=NAMESPACE)
         return False
     cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-    ray.init(namespace=NAMESPACE, num_cpus=cpus, include_dashboard=False)
+    # NOTE: address="local" always starts a fresh instance, whatever RAY_ADDRESS says ("local" included).
+    ray.init(address="local", namespace=NAMESPACE, num_cpus=cpus, include_dashboard=False)
     return True
+
+
+PLACE_TIMEOUT_S = 300.0
+
+
+def _placed(refs: list, what: str, cpus: float) -> list:
+    """ray.get with a deadline, so a cluster without room fails with a reason instead of hanging."""
+    try:
+        return ray.get(refs, timeout=PLACE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        have = ray.cluster_resources().get("CPU", 0)
+        raise TimeoutError(f"{what} not ready after {PLACE_TIMEOUT_S:.0f} s; the cluster may lack room "
+                           f"(they need {cpus:g} CPUs, the cluster has {have:g})") from None
 
 
 def _resolve_device(requested: str) -> str:
@@ -98,7 +113,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
                 f"{name}-group-{i}", source, slots, device=device, dtype=cfg.model.dtype,
                 num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
             ))
-        infos = ray.get([g.info.remote() for g in groups])
+        infos = _placed([g.info.remote() for g in groups], "expert groups", d.expert_groups * d.group_cpus)
         table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
         gw = cfg.gateway
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
@@ -110,7 +125,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
                                               max_concurrency=1000, lifetime="detached" if detached else None).remote(
                 f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE,
                 _gateway_config(cfg, i)))
-        started = ray.get([r.start.remote() for r in routers])
+        started = _placed([r.start.remote() for r in routers], "routers", d.routers * d.router_cpus)
         supervisor = None
         if d.supervisor:
             group_opts = {k: v for k, v in opts.items() if k not in ("name", "namespace")}
