@@ -17,6 +17,8 @@ from router_svc import LocalMoE
 from tests.helpers import hf_models as hf
 
 pytestmark = pytest.mark.unit
+# NOTE: two engines over the same weights may differ in the last bit: MKL picks kernels by buffer
+# alignment, which differs between files. Outputs are compared at float32 rounding, not bitwise.
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_only_moe_tensors_are_needed(qwen2_dir: str, tmp_path) -> None:
     shutil.copy(os.path.join(qwen2_dir, "config.json"), dst / "config.json")
     save_file(moe_only, os.fspath(dst / "model.safetensors"))
     x = torch.randn(9, 20)
-    torch.testing.assert_close(LocalMoE.from_pretrained(dst).forward(x, 0), LocalMoE.from_pretrained(qwen2_dir).forward(x, 0), rtol=0, atol=0)
+    torch.testing.assert_close(LocalMoE.from_pretrained(dst).forward(x, 0), LocalMoE.from_pretrained(qwen2_dir).forward(x, 0), rtol=1e-6, atol=1e-7)
 
 
 def test_a_worker_can_load_its_slots_when_other_layers_are_absent(qwen2_dir: str, tmp_path) -> None:
@@ -98,7 +100,7 @@ def test_fused_expert_layout_loads_the_same(dsv3_dir: str, tmp_path) -> None:
     ref = LocalMoE.from_pretrained(dsv3_dir)
     got = LocalMoE.from_pretrained(dst)
     for layer in spec.moe_layers:
-        torch.testing.assert_close(got.forward(x, layer), ref.forward(x, layer), rtol=0, atol=0)
+        torch.testing.assert_close(got.forward(x, layer), ref.forward(x, layer), rtol=1e-6, atol=1e-7)
 
 
 def test_dense_layers_before_first_k_dense_replace_are_not_moe(dsv3_dir: str) -> None:
