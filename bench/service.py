@@ -2,7 +2,7 @@
 
 One Mixtral-shaped layer (hidden 1024, expert width 2816, 8 experts, top-2, float32),
 saved as a one-layer Hugging Face checkpoint exactly as bench/local_engine.py builds it.
-Engines, all on one `ray.init(num_cpus=8)` bound to 127.0.0.1, timed alternately:
+Engines, all on one `ray.init(num_cpus=8)` with node IP 127.0.0.1, timed alternately:
 
   local_moe         LocalMoE in the driver process (the reference);
   moe[<transport>]  cluster.deploy (2 expert groups, 1 router, 1 CPU each), one deployment,
@@ -11,7 +11,7 @@ Engines, all on one `ray.init(num_cpus=8)` bound to 127.0.0.1, timed alternately
   naive_ray         one plain Ray actor per expert; the driver runs the gate and makes one
                     actor call per expert hit per request through the object store, then combines;
   ray_serve         a Ray Serve router deployment that runs the gate and fans out to 2 expert
-                    deployments (the same 2-group placement as the deployment) with
+                    deployments (the deployment's own placement of experts on groups) with
                     `await handle.remote(...)`, called from the driver through its handle.
 
 Every engine computes experts with the same kernel (expert_workers.ffn.GroupedExperts) and
@@ -28,6 +28,8 @@ Targets (checked here, exit status 1 if missed):
   - moe-serve p50 at 8 tokens, 1 client <= 0.5x Ray Serve's;
   - moe-serve tokens/s at 8 tokens under 16 clients >= 2x Ray Serve's;
   - every engine within 1e-5 relative error of LocalMoE.
+The run also measures the CPU time other processes took during the timed phases; above
+--max-foreign (5%) of the machine its numbers are not valid and it exits with status 3.
 
     python bench/service.py [--quick] [--repeats 7] [--out bench/results/service.json]
 
@@ -76,11 +78,6 @@ SECTION = "## Service benchmark"
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
-
-
-def _placement() -> list[list[int]]:
-    """The deployment's placement (cluster.placement.spread): expert e on group e mod G."""
-    return [[e for e in range(EXPERTS) if e % GROUPS == g] for g in range(GROUPS)]
 
 
 # -- engines -----------------------------------------------------------------
@@ -136,7 +133,7 @@ class DeploymentEngine(Engine):
             r = self.ray.get(self.dep.routers[0].set_transport.remote(self.mode))
             self.state["mode"] = self.mode
             self.chains.append(r["chain"])
-            if r.get("measured_ms"):
+            if self.mode == "auto":
                 self.state.setdefault("auto_measured_ms", []).append(r["measured_ms"])
 
     def call(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +210,7 @@ class NaiveRayEngine(Engine):
             self.ray.kill(a)
 
 
-def _serve_app(path: str, max_ongoing: int) -> Any:
+def _serve_app(path: str, max_ongoing: int, placement: list[list[int]]) -> Any:
     """A Ray Serve app as a Ray user would write it: a router deployment and one deployment per expert group."""
     from ray import serve
 
@@ -272,20 +269,20 @@ def _serve_app(path: str, max_ongoing: int) -> Any:
                 out = torch.zeros_like(x_TD).index_add_(0, token, y * weight[:, None])
                 return out.numpy()
 
-    shards = [ExpertShard.options(name=f"experts-{g}").bind(path, experts) for g, experts in enumerate(_placement())]
-    return MoERouter.bind(path, shards, _placement())
+    shards = [ExpertShard.options(name=f"experts-{g}").bind(path, experts) for g, experts in enumerate(placement)]
+    return MoERouter.bind(path, shards, placement)
 
 
 class ServeEngine(Engine):
     name, kind = "ray_serve", "baseline"
 
-    def __init__(self, path: str, max_ongoing: int) -> None:
+    def __init__(self, path: str, max_ongoing: int, placement: list[list[int]]) -> None:
         from ray import serve
 
         self.serve = serve
         # NOTE: no HTTP proxy at all (handles only), so nothing listens beyond Ray's own loopback ports.
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
-        self.handle = serve.run(_serve_app(path, max_ongoing), name="moe_bench", route_prefix=None)
+        self.handle = serve.run(_serve_app(path, max_ongoing, placement), name="moe_bench", route_prefix=None)
 
     def call(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.handle.remote(x.numpy()).result())
@@ -429,7 +426,7 @@ def run(args: argparse.Namespace) -> dict:
     x_large = torch.randn(LARGE, HIDDEN, generator=gen)
     inputs = [torch.randn(SMALL, HIDDEN, generator=gen) for _ in range(64)]
     result: dict[str, Any] = {"config": {k: getattr(args, k) for k in ("quick", "repeats", "warmup", "requests", "budget_s", "rounds",
-                                                                        "serve_max_ongoing", "batch_wait_us")}}
+                                                                        "serve_max_ongoing", "batch_wait_us", "max_foreign")}}
     dep = serve_engine = naive = None
     with tempfile.TemporaryDirectory() as tmp:
         model, moe = build(tmp)
@@ -453,7 +450,10 @@ def run(args: argparse.Namespace) -> dict:
             naive = NaiveRayEngine(tmp, moe)
             result["startup_s"]["naive_ray"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            serve_engine = ServeEngine(tmp, args.serve_max_ongoing)
+            # the same experts per group as the deployment's routing table
+            placement = [sorted(e for layer, e in slots if layer == LAYER) for slots in dep.table.placement]
+            result["placement"] = placement
+            serve_engine = ServeEngine(tmp, args.serve_max_ongoing, placement)
             result["startup_s"]["ray_serve"] = time.perf_counter() - t0
             deployments = [DeploymentEngine(dep, m, state) for m in MODES]
             engines: list[Engine] = [LocalEngine(moe), *deployments, naive, serve_engine]
@@ -620,11 +620,11 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
     lines += ["", "Deployment, server side (router counters and expert-group compute time over the same slots):", "",
               "| " + " | ".join(h for h in SERVER_HEADERS) + " |", "|---" + "|---:" * (len(SERVER_HEADERS) - 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in server_rows(result)]
-    lines += ["", "Targets (moe-serve = its best transport for each target; `moe[auto]` shown alongside):", ""]
+    lines += ["", "Targets (moe-serve = its best transport for each target; `moe[auto]` shown alongside). "
+              + _foreign_line(result), ""]
     lines += [f"- {t}" for t in _fmt_targets(targets)]
     chains = sorted({" > ".join(ch) for ch in result.get("auto_chains", [])})
     lines += ["", f"`auto` chose (over {len(result.get('auto_chains', []))} switches): " + "; ".join(f"`{ch}`" for ch in chains) + "."]
-    lines += [_foreign_line(result)]
     lines += [f"Startup: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["startup_s"].items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -633,7 +633,9 @@ def _foreign_line(result: dict) -> str:
     f = result.get("foreign_cpu") or {}
     if not f:
         return "CPU used outside this benchmark: not measured (no /proc)."
-    warn = " WARNING: other processes competed for the CPUs; numbers are skewed." if f["foreign_fraction"] > 0.05 else ""
+    limit = result["config"].get("max_foreign", 0.05)
+    warn = (f" Above the {100 * limit:.0f}% limit: other processes competed for the CPUs, so this run's numbers and "
+            "verdicts are NOT VALID." if f["foreign_fraction"] > limit else "")
     return (f"CPU used outside this benchmark during the timed phases: {f['foreign_cpu_s']:.1f} s of "
             f"{f['wall_s'] * (os.cpu_count() or 1):.0f} core-seconds ({100 * f['foreign_fraction']:.1f}%); "
             f"this run used {f['ours_cpu_s']:.0f} s.{warn}")
@@ -659,6 +661,8 @@ def main() -> int:
     ap.add_argument("--batch-wait-us", type=int, default=None,
                     help="the deployment's batch_max_wait_us (default: the library's default)")
     ap.add_argument("--serve-max-ongoing", type=int, default=32, help="Ray Serve max_ongoing_requests per deployment")
+    ap.add_argument("--max-foreign", type=float, default=0.05,
+                    help="largest fraction of the CPUs other processes may use during the timed phases (else exit 3)")
     ap.add_argument("--out", default=None, help="JSON result (default bench/results/service.json; quick: service_quick.json)")
     ap.add_argument("--no-results-md", action="store_true", help="do not write bench/RESULTS.md (quick never does)")
     args = ap.parse_args()
@@ -717,6 +721,9 @@ def main() -> int:
     if not q and not args.no_results_md:
         write_results_md(markdown(result, rows, targets))
         print(f"wrote {os.path.relpath(RESULTS_MD)}")
+    if result.get("foreign_cpu", {}).get("foreign_fraction", 0.0) > args.max_foreign:
+        print("machine busy: verdicts not valid (exit 3); rerun when nothing else runs", file=sys.stderr)
+        return 3
     return 0 if all(t["met"] for t in targets) else 1
 
 
