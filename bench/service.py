@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 # NOTE: makes Ray's node IP the loopback address (127.0.0.1) instead of the first interface's;
 # `ray.init(_node_ip_address="127.0.0.1")` alone is turned back into that interface's address by Ray.
@@ -290,7 +290,9 @@ class ServeEngine(Engine):
 
 # -- timing --------------------------------------------------------------------
 
-def _throughput(engines: list[Engine], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, list[float]]:
+def _throughput(engines: list[Engine], x: torch.Tensor, repeats: int,
+                warmup: int) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Seconds per call at one size, engines alternated; and each engine's server-side counter deltas."""
     for e in engines:
         e.prepare()
         for _ in range(warmup):
