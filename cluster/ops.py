@@ -58,13 +58,21 @@ def _actor(name: str) -> Any:
         return None
 
 
-def status(address: str, name: str | None = None) -> list[dict[str, Any]]:
-    connect(address)
+def _entries(name: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The recorded deployment called `name`, or every recorded one; an unknown name is a LookupError."""
     out = []
     for dname in [name] if name else registry.names():
         entry = registry.lookup(dname)
         if entry is None:
             raise LookupError(f"no deployment named {dname!r}; known: {registry.names()}")
+        out.append((dname, entry))
+    return out
+
+
+def status(address: str, name: str | None = None) -> list[dict[str, Any]]:
+    connect(address)
+    out = []
+    for dname, entry in _entries(name):
         routers = []
         for rname in entry["routers"]:
             actor = _actor(rname)
@@ -80,10 +88,7 @@ def down(address: str, name: str | None = None) -> list[str]:
     """Stop every actor of the deployment(s): routers first (they close their gateways), then groups."""
     connect(address)
     removed = []
-    for dname in [name] if name else registry.names():
-        entry = registry.lookup(dname)
-        if entry is None:
-            raise LookupError(f"no deployment named {dname!r}; known: {registry.names()}")
+    for dname, entry in _entries(name):
         supervisor = _actor(f"{dname}-supervisor")
         if supervisor is not None:  # first, or it would replace the groups being removed
             try:

@@ -28,7 +28,8 @@ class RoutingTable:
     num_experts: int
     groups: tuple[GroupRef, ...]
     placement: tuple[tuple[tuple[int, int], ...], ...]
-    _lookup: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    _lookup: dict[tuple[int, frozenset[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, version: int, num_experts: int, groups: Sequence[GroupRef], placement: Sequence[Sequence[tuple[int, int]]]) -> "RoutingTable":
@@ -40,13 +41,10 @@ class RoutingTable:
         )
 
     def replicas(self, layer: int, expert: int) -> list[tuple[int, int]]:
-        """(group, local index) of every copy of a slot."""
-        out = []
-        for g, slots in enumerate(self.placement):
-            order = local_order([e for l, e in slots if l == layer])
-            if expert in order:
-                out.append((g, order.index(expert)))
-        return out
+        """(group, local index) of every copy of a slot (expert -1: the shared slot)."""
+        group, local, count = self.lookup_alive(layer)
+        row = self.num_experts if expert == SHARED else expert
+        return [(int(group[row, j]), int(local[row, j])) for j in range(int(count[row]))]
 
     def lookup_alive(self, layer: int, dead: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Live replicas per slot: (group_ER, local_ER, count_E) with R = most replicas of any slot.
@@ -69,22 +67,13 @@ class RoutingTable:
                 for j, (g, i) in enumerate(h):
                     group[e, j], local[e, j] = g, i
             count = torch.tensor([len(h) for h in hosts], dtype=torch.int64)
-            self._lookup[key] = (group, local, count)  # type: ignore[assignment]
-        return self._lookup[key]  # type: ignore[return-value]
+            self._lookup[key] = (group, local, count)
+        return self._lookup[key]
 
     def lookup(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(group_of, local_of), each (E+1,) int64; -1 where a slot has no host. First replica wins."""
-        if layer not in self._lookup:
-            group_of = torch.full((self.num_experts + 1,), -1, dtype=torch.int64)
-            local_of = torch.full((self.num_experts + 1,), -1, dtype=torch.int64)
-            for g, slots in enumerate(self.placement):
-                order = local_order([e for l, e in slots if l == layer])
-                for i, e in enumerate(order):
-                    idx = self.num_experts if e == SHARED else e
-                    if group_of[idx] < 0:
-                        group_of[idx], local_of[idx] = g, i
-            self._lookup[layer] = (group_of, local_of)
-        return self._lookup[layer]
+        group, local, _ = self.lookup_alive(layer)
+        return group[:, 0], local[:, 0]
 
 
 def layer_orders(table: RoutingTable, layer: int) -> list[list[int]]:
