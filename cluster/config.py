@@ -2,7 +2,7 @@
 
     model:       {path: DIR}  or  {random: {MoESpec fields}, seed: 0};  dtype: float32
     routing:     overrides of the model's routing spec (policy, capacity_factor, overflow, ...)
-    deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us,
+    deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us, batch_max_in_flight,
                  device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
                  router_cpus, grpc_host
     gateway:     enabled, host, port (router i serves port + i; 0 = any free port),
@@ -65,6 +65,7 @@ class DeploymentSettings:
     transport: str = "auto"
     batch_max_tokens: int = 4096
     batch_max_wait_us: int = 500
+    batch_max_in_flight: int = 1
     device: str = "auto"
     shared_experts: str = "router"
     # starting copies of every expert slot, on distinct groups (<= expert_groups).
@@ -85,7 +86,7 @@ class DeploymentSettings:
         p = "deployment."
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(field=p + "name", value=self.name, expected="letters, digits, '-' or '_'")
-        for name in ("expert_groups", "routers", "batch_max_tokens"):
+        for name in ("expert_groups", "routers", "batch_max_tokens", "batch_max_in_flight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(field=p + name, value=v, expected="an integer >= 1")

@@ -117,6 +117,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
         table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
         gw = cfg.gateway
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
+                             batch_max_in_flight=d.batch_max_in_flight,
                              device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts, failover=d.failover,
                              max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens)
         router_cls = ray.remote(Router)

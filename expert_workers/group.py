@@ -75,6 +75,9 @@ class GroupCore:
             self.layers[layer] = _LayerSlots(experts=order, grouped=grouped, shared=shared)
         self.slots = [(layer, e) for layer, ls in self.layers.items() for e in ls.experts]
         self._lock = threading.Lock()
+        # NOTE: one batch computes at a time whichever transport brought it (actor thread, gRPC
+        # server threads): overlapping batches would only split the group's torch threads.
+        self._compute = threading.Lock()
         self.tokens = {slot: 0 for slot in self.slots}
         self.busy_s = 0.0
         self.batches = 0
@@ -97,20 +100,20 @@ class GroupCore:
         idx = [pos[e] for e in experts]
         if idx != sorted(idx) or len(set(idx)) != len(idx):
             raise InvalidRequestError(field="experts", problem=f"experts {list(experts)} not in slot order {ls.experts}")
-        t0 = time.perf_counter()
-        x = x_ND.to(device=self.device, dtype=self.dtype)
-        out = torch.empty_like(x)
         n_routed = len(ls.experts) - (1 if ls.shared is not None else 0)
         full = [0] * len(ls.experts)
         for i, c in zip(idx, counts):
             full[i] = int(c)
         split = sum(full[:n_routed])
-        with torch.no_grad():
+        with self._compute, torch.no_grad():
+            t0 = time.perf_counter()
+            x = x_ND.to(device=self.device, dtype=self.dtype)
+            out = torch.empty_like(x)
             if split:
                 out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
             if split < x.shape[0]:
                 out[split:] = ffn(x[split:], ls.shared.ffn, activation=self.spec.activation, gated=self.spec.gated)  # type: ignore[union-attr]
-        dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0
         with self._lock:
             for e, c in zip(experts, counts):
                 self.tokens[(layer, e)] += int(c)

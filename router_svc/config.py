@@ -15,9 +15,11 @@ FAILOVER_POLICIES = ("wait", "fail", "drop")
 class DataPlaneConfig:
     transport: str = "auto"
     # a batch closes at this many tokens, at once when no batch of its layer is in flight,
-    # or `batch_max_wait_us` after its first request (batching while busy).
+    # `batch_max_wait_us` after its first request while fewer than `batch_max_in_flight` batches
+    # of its layer are in flight, else when one of them finishes (batching while busy).
     batch_max_tokens: int = 4096
     batch_max_wait_us: int = 500
+    batch_max_in_flight: int = 1
     # resolved device of the expert groups: "cpu" or "cuda".
     device: str = "cpu"
     dtype: str = "float32"
@@ -40,10 +42,10 @@ class DataPlaneConfig:
         p = "deployment."
         if self.transport not in TRANSPORT_MODES:
             raise ConfigError(field=p + "transport", value=self.transport, expected=f"one of {TRANSPORT_MODES}")
-        for name in ("max_tokens_per_request", "max_queued_tokens"):
+        for name in ("max_tokens_per_request", "max_queued_tokens", "batch_max_in_flight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(field="gateway." + name, value=v, expected="an integer >= 1")
+                raise ConfigError(field=("deployment." if name.startswith("batch") else "gateway.") + name, value=v, expected="an integer >= 1")
         for name in ("batch_max_tokens", "batch_max_wait_us"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_max_tokens" else 0):

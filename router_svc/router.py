@@ -130,7 +130,7 @@ class Router:
         # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
         self.dead: set[int] = set()
         self._table_changed = asyncio.Event()
-        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0}
+        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "peak_in_flight": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
 
     def _chain_for(self, mode: str) -> tuple[str, ...]:
@@ -245,15 +245,20 @@ class Router:
             self._inflight_tokens -= tokens
 
     def _enqueue(self, layer: int, p: _Pending) -> None:
-        """Queue a request; a batch closes when it is full, when no batch of its layer is in flight
-        (an idle router adds no wait), or `batch_max_wait_us` after its first request."""
+        """Queue a request. A batch of its layer leaves when it is full; at once when none of its
+        layer is in flight (an idle router adds no wait); `batch_max_wait_us` after its first
+        request while fewer than `batch_max_in_flight` are; else when one in flight finishes."""
         self._queues.setdefault(layer, []).append(p)
         self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
+        in_flight = self._in_flight.get(layer, 0)
         full = self._queued_tokens[layer] >= self.config.batch_max_tokens
-        if full or self.config.batch_max_wait_us == 0 or not self._in_flight.get(layer):
+        if full or not in_flight:
             self._flush(layer)
-        elif layer not in self._timers:
-            self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self._flush, layer)
+        elif in_flight < self.config.batch_max_in_flight and layer not in self._timers:
+            if self.config.batch_max_wait_us == 0:
+                self._flush(layer)
+            else:
+                self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self._flush, layer)
 
     def _flush(self, layer: int) -> None:
         timer = self._timers.pop(layer, None)
@@ -263,12 +268,13 @@ class Router:
         self._queued_tokens[layer] = 0
         if reqs:
             self._in_flight[layer] = self._in_flight.get(layer, 0) + 1
+            self.counters["peak_in_flight"] = max(self.counters["peak_in_flight"], self._in_flight[layer])
             asyncio.get_running_loop().create_task(self._run_batch(layer, reqs))
 
     def _batch_done(self, layer: int) -> None:
         """A batch of `layer` finished: what queued behind it goes now (batching while busy)."""
         self._in_flight[layer] -= 1
-        if self._queues.get(layer) and not self._in_flight[layer]:
+        if self._queues.get(layer) and self._in_flight[layer] < self.config.batch_max_in_flight:
             self._flush(layer)
 
     async def _run_batch(self, layer: int, reqs: list[_Pending]) -> None:

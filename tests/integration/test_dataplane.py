@@ -224,3 +224,26 @@ def test_batched_requests_keep_their_own_capacity(ray_local, random_spec, routin
             assert limited > 0, "capacity never bit: the test would not notice a per-batch capacity"
     finally:
         dep.shutdown()
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3])
+def test_batches_in_flight_per_layer_stay_within_the_limit(ray_local, random_spec, max_in_flight: int) -> None:
+    """Under 48 concurrent requests a layer never has more than `batch_max_in_flight` batches out;
+    what queues behind them leaves together (fewer batches than requests), every answer exact."""
+    dep = deploy({"model": {"random": random_spec, "seed": 6}, "gateway": {"port": 0},
+                  "deployment": {"name": "inflight", "expert_groups": 2, "transport": "object_store",
+                                 "batch_max_wait_us": 1_000, "batch_max_in_flight": max_in_flight}})
+    ref = LocalMoE.from_config(random_spec, seed=6)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        xs = [torch.randn(1 + i % 17, 48, generator=gen) for i in range(48)]
+        outs = ray.get([dep.submit(x, 1) for x in xs])
+        for x, out in zip(xs, outs):
+            assert _rel(torch.from_numpy(np.array(out.hidden_states)), ref.forward(x, 1)) < 1e-6
+        counters = ray.get(dep.routers[0].status.remote())["counters"]
+        assert 1 <= counters["peak_in_flight"] <= max_in_flight
+        assert counters["batches"] < counters["requests"] == 48
+        if max_in_flight == 1:
+            assert counters["peak_in_flight"] == 1
+    finally:
+        dep.shutdown()
