@@ -4,7 +4,10 @@
     routing:     overrides of the model's routing spec (policy, capacity_factor, overflow, ...)
     deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us, batch_max_in_flight,
                  device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
-                 router_cpus, grpc_host
+                 router_cpus, grpc_host, replicas, failover, supervisor, supervisor_period_s,
+                 max_replicas, hot_threshold, load_window_s, rebalance_period_s, replica_down_delay_s,
+                 min_groups, max_groups, target_group_tokens_per_s, scale_up_delay_s, scale_down_delay_s,
+                 place_timeout_s, drain_timeout_s
     gateway:     enabled, host, port (router i serves port + i; 0 = any free port),
                  max_tokens_per_request, max_queued_tokens
     auth:        token (default: the MOE_SERVE_TOKEN environment variable)
@@ -81,9 +84,35 @@ class DeploymentSettings:
     router_cpus: float = 1.0
     # address the groups' gRPC data plane binds to (loopback, or the node's IP on a real cluster).
     grpc_host: str = "127.0.0.1"
+    # hot experts: copies per expert at most (default: `replicas`, i.e. no replication); an expert
+    # whose rate over `load_window_s` exceeds `hot_threshold` x its layer's mean gets more; an extra
+    # copy goes after its expert stayed cool for `replica_down_delay_s`. Evaluated every `rebalance_period_s`.
+    max_replicas: int | None = None
+    hot_threshold: float = 2.0
+    load_window_s: float = 10.0
+    rebalance_period_s: float = 2.0
+    replica_down_delay_s: float = 30.0
+    # autoscaling: groups between min_groups and max_groups (default: expert_groups, i.e. fixed), aiming at
+    # `target_group_tokens_per_s` (token-expert assignments per group per second; 0: off), with delays.
+    min_groups: int | None = None
+    max_groups: int | None = None
+    target_group_tokens_per_s: float = 0.0
+    scale_up_delay_s: float = 5.0
+    scale_down_delay_s: float = 30.0
+    # a new group not placed after this long asks Ray's autoscaler for room (request_resources).
+    place_timeout_s: float = 10.0
+    # a removed copy or group is unloaded once routers finished batches planned before, or after this.
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         p = "deployment."
+        for name in ("hot_threshold", "load_window_s", "rebalance_period_s", "replica_down_delay_s", "target_group_tokens_per_s",
+                     "scale_up_delay_s", "scale_down_delay_s", "place_timeout_s", "drain_timeout_s", "supervisor_period_s"):
+            _number(p + name, getattr(self, name), minimum=0.0)
+        for name in ("max_replicas", "min_groups", "max_groups"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(field=p + name, value=v, expected="an integer >= 1 (or unset)")
         if not isinstance(self.name, str) or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(field=p + "name", value=self.name, expected="letters, digits, '-' or '_'")
         for name in ("expert_groups", "routers", "batch_max_tokens", "batch_max_in_flight"):
@@ -104,9 +133,52 @@ class DeploymentSettings:
         if self.failover not in FAILOVER_POLICIES:
             raise ConfigError(field=p + "failover", value=self.failover, expected=f"one of {FAILOVER_POLICIES}")
         for name in ("group_cpus", "group_gpus", "router_cpus"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(field=p + name, value=v, expected="a number >= 0")
+            _number(p + name, getattr(self, name), minimum=0.0)
+        if self.max_replicas is not None and not self.replicas <= self.max_replicas:
+            raise ConfigError(field=p + "max_replicas", value=self.max_replicas, expected=f"at least replicas={self.replicas}")
+        lo, hi = self.group_range
+        if not lo <= self.expert_groups <= hi:
+            raise ConfigError(field=p + "min_groups" if lo > self.expert_groups else p + "max_groups", value=lo if lo > self.expert_groups else hi,
+                              expected=f"min_groups <= expert_groups={self.expert_groups} <= max_groups")
+
+    @property
+    def group_range(self) -> tuple[int, int]:
+        """(min_groups, max_groups) with unset ends at expert_groups."""
+        return (self.expert_groups if self.min_groups is None else self.min_groups,
+                self.expert_groups if self.max_groups is None else self.max_groups)
+
+    def elastic(self) -> "ElasticPolicy":
+        lo, hi = self.group_range
+        return ElasticPolicy(
+            max_replicas=self.replicas if self.max_replicas is None else self.max_replicas, hot_threshold=self.hot_threshold,
+            load_window_s=self.load_window_s, rebalance_period_s=self.rebalance_period_s,
+            replica_down_delay_s=self.replica_down_delay_s, min_groups=lo, max_groups=hi,
+            target_group_tokens_per_s=self.target_group_tokens_per_s, scale_up_delay_s=self.scale_up_delay_s,
+            scale_down_delay_s=self.scale_down_delay_s, place_timeout_s=self.place_timeout_s, drain_timeout_s=self.drain_timeout_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ElasticPolicy:
+    """The supervisor's knobs for replicas and groups (see DeploymentSettings for their meaning)."""
+
+    max_replicas: int = 1
+    hot_threshold: float = 2.0
+    min_rate: float = 1.0
+    load_window_s: float = 10.0
+    rebalance_period_s: float = 2.0
+    replica_down_delay_s: float = 30.0
+    min_groups: int = 1
+    max_groups: int = 1
+    target_group_tokens_per_s: float = 0.0
+    scale_up_delay_s: float = 5.0
+    scale_down_delay_s: float = 30.0
+    place_timeout_s: float = 10.0
+    drain_timeout_s: float = 30.0
+
+
+def _number(name: str, value: Any, *, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or value != value:
+        raise ConfigError(field=name, value=value, expected=f"a number >= {minimum:g}")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 import uuid
 from dataclasses import replace
 from typing import Any, Mapping
@@ -121,11 +122,14 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
                              device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts, failover=d.failover,
                              max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens)
         router_cls = ray.remote(Router)
+        router_specs = []
         for i in range(d.routers):
-            routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, num_cpus=d.router_cpus,
-                                              max_concurrency=1000, lifetime="detached" if detached else None).remote(
-                f"{name}-router-{i}", source, routing, table, groups, replace(dp, rdt_owner=i == 0), NAMESPACE,
-                _gateway_config(cfg, i)))
+            spec_i = {"options": dict(num_cpus=d.router_cpus, max_concurrency=1000, lifetime="detached" if detached else None),
+                      "kwargs": dict(name=f"{name}-router-{i}", source=source, routing=routing, config=replace(dp, rdt_owner=i == 0),
+                                     namespace=NAMESPACE, gateway=_gateway_config(cfg, i))}
+            router_specs.append(spec_i)
+            routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, **spec_i["options"]).remote(
+                table=table, groups=groups, **spec_i["kwargs"]))
         started = _placed([r.start.remote() for r in routers], "routers", d.routers * d.router_cpus)
         supervisor = None
         if d.supervisor:
@@ -137,7 +141,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
             supervisor = ray.remote(Supervisor).options(**sup_opts).remote(
                 name, NAMESPACE, source, group_opts, group_kwargs, placement, spec.num_experts,
                 [f"{name}-group-{i}" for i in range(len(groups))], [f"{name}-router-{i}" for i in range(len(routers))],
-                d.supervisor_period_s)
+                d.supervisor_period_s, policy=d.elastic(), router_specs=router_specs)
             ray.get(supervisor.status.remote())
     except BaseException:
         for actor in routers + groups:
@@ -206,17 +210,47 @@ class Deployment:
 
     def forward(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
                 return_routing: bool = False) -> Any:
-        ref = self.submit(hidden_states, layer, token_ids, return_routing)
-        return self.result(ref, hidden_states, return_routing)
+        for attempt in range(2):
+            ref = self.submit(hidden_states, layer, token_ids, return_routing)
+            try:
+                return self.result(ref, hidden_states, return_routing)
+            except ray.exceptions.RayActorError:
+                if attempt or not self._refresh_routers():
+                    raise
+        raise AssertionError("unreachable")
 
     __call__ = forward
 
     def forward_output(self, hidden_states: torch.Tensor, layer: int, token_ids: Any = None) -> ForwardOutput:
         """The router's full answer (transport used, batch size, table version) for one request."""
-        try:
-            return ray.get(self.submit(hidden_states, layer, token_ids, False))
-        except ray.exceptions.RayTaskError as e:
-            raise e.as_instanceof_cause() from None
+        for attempt in range(2):
+            try:
+                return ray.get(self.submit(hidden_states, layer, token_ids, False))
+            except ray.exceptions.RayTaskError as e:
+                raise e.as_instanceof_cause() from None
+            except ray.exceptions.RayActorError:
+                if attempt or not self._refresh_routers():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _refresh_routers(self, timeout: float = 60.0) -> bool:
+        """A router died: take the handles of the routers the supervisor re-created (same names).
+
+        Requests are pure functions of their input, so the one that met the dead router is sent again.
+        """
+        if self.supervisor is None:
+            return False
+        names = [f"{self.name}-router-{i}" for i in range(len(self.routers))]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+                ray.get([h.load.remote() for h in handles], timeout=10)
+                self.routers = handles
+                return True
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.2)
+        return False
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         groups = []

@@ -9,6 +9,11 @@ Legend: E logical experts of one layer, P physical slots (P >= E), G groups, S =
    group's loss never takes every replica of an expert).
 3. `rebalance`: both, for one layer, over every replica budget -> which experts each group hosts.
 
+Online (the supervisor, every tick, with observed per-slot rates): `desired_replicas` (hot
+experts up, cooled ones down with hysteresis), `place_replica` / `pick_removal` (the packing
+step for one redundant copy: a node without a copy first, then the lightest group) and
+`replica_shares` (how routers split an expert's tokens over its copies, by load).
+
 No actors, no I/O: the supervisor calls these with observed loads. Worked example in
 docs/eplb.md.
 """
@@ -16,6 +21,7 @@ docs/eplb.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -100,3 +106,125 @@ def rebalance(load_E: torch.Tensor, num_groups: int, slots_per_group: int) -> Pa
             best = p
     assert best is not None
     return best
+
+
+# -- online replication: what the supervisor does with observed rates -------------------------
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """When an expert gets more copies, and when it gives them back.
+
+    Up: an expert whose rate exceeds `hot_threshold` x its layer's mean (and `min_rate`)
+    wants ceil(rate / mean) copies, at most `max_replicas`. Down (hysteresis): an extra copy
+    may go once the expert's rate per copy would stay below max(mean, `min_rate`) without
+    it; the supervisor removes it only after that held for its down delay.
+    """
+
+    hot_threshold: float = 2.0
+    max_replicas: int = 2
+    min_rate: float = 1.0
+
+
+def desired_replicas(rate_E: torch.Tensor, current_E: torch.Tensor, base_E: torch.Tensor,
+                     policy: ReplicaPolicy) -> torch.Tensor:
+    """(E,) rates, current and starting copy counts -> wanted copies per expert (one step down at most)."""
+    rate = rate_E.to(torch.float64).clamp_min(0)
+    cur = current_E.to(torch.int64)
+    base = base_E.to(torch.int64)
+    mean = float(rate.mean()) if rate.numel() else 0.0
+    want = cur.clone()
+    hot = (rate > policy.hot_threshold * mean) & (rate > policy.min_rate)
+    up = torch.ceil(rate / max(mean, 1e-12)).to(torch.int64).clamp(max=max(policy.max_replicas, 1))
+    want[hot] = torch.maximum(cur[hot], torch.maximum(up[hot], base[hot]))
+    cool = ~hot & (cur > base) & (rate / (cur - 1).clamp_min(1) < max(mean, policy.min_rate))
+    want[cool] = cur[cool] - 1
+    return want
+
+
+def group_loads(placement: Sequence[Sequence[tuple[int, int]]], rate: dict[tuple[int, int], float],
+                shares: Sequence[Sequence[float]] | None = None) -> list[float]:
+    """Tokens/s each group carries: a slot's rate split over its copies (by `shares`, else evenly)."""
+    copies: dict[tuple[int, int], int] = {}
+    for slots in placement:
+        for s in slots:
+            copies[tuple(s)] = copies.get(tuple(s), 0) + 1
+    loads = []
+    for g, slots in enumerate(placement):
+        total = 0.0
+        for j, s in enumerate(slots):
+            frac = shares[g][j] if shares is not None else 1.0 / copies[tuple(s)]
+            total += rate.get(tuple(s), 0.0) * frac
+        loads.append(total)
+    return loads
+
+
+def place_replica(placement: Sequence[Sequence[tuple[int, int]]], slot: tuple[int, int], loads: Sequence[float],
+                  nodes: Sequence[str], usable: Sequence[int]) -> int | None:
+    """The group for one more copy of `slot` (EPLB's packing step for a redundant slot).
+
+    Among `usable` groups that hold no copy of the slot: first those on a node without a copy
+    (losing one node never loses every copy), then the lightest, then the fewest slots.
+    """
+    holders = [g for g, slots in enumerate(placement) if tuple(slot) in {tuple(s) for s in slots}]
+    held_nodes = {nodes[g] for g in holders}
+    options = [g for g in usable if g not in holders]
+    if not options:
+        return None
+    return min(options, key=lambda g: (nodes[g] in held_nodes, loads[g], len(placement[g]), g))
+
+
+def pick_removal(placement: Sequence[Sequence[tuple[int, int]]], base: Sequence[Sequence[tuple[int, int]]],
+                 slot: tuple[int, int], loads: Sequence[float], nodes: Sequence[str]) -> int | None:
+    """The group whose extra copy of `slot` goes: never a starting copy; prefer a node that keeps
+    another copy, then the busiest group."""
+    extra = [g for g, slots in enumerate(placement)
+             if tuple(slot) in {tuple(s) for s in slots} and tuple(slot) not in {tuple(s) for s in base[g]}]
+    if not extra:
+        return None
+    holders = [g for g, slots in enumerate(placement) if tuple(slot) in {tuple(s) for s in slots}]
+
+    def node_keeps_copy(g: int) -> bool:
+        return any(nodes[h] == nodes[g] for h in holders if h != g)
+
+    return max(extra, key=lambda g: (node_keeps_copy(g), loads[g], g))
+
+
+def replica_shares(placement: Sequence[Sequence[tuple[int, int]]], rate: dict[tuple[int, int], float],
+                   alive: Sequence[bool] | None = None, quanta: int = 32) -> list[list[float]]:
+    """Per placed copy, the fraction of its slot's tokens it takes, so group loads even out.
+
+    Single-copy slots load their group fully; each replicated slot's rate is cut in `quanta`
+    pieces dealt, heaviest slot first, to the currently lightest live group holding a copy
+    (water filling). A slot with no observed load is split evenly. Dead groups get 0.
+    """
+    alive = list(alive) if alive is not None else [True] * len(placement)
+    hosts: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for g, slots in enumerate(placement):
+        for j, s in enumerate(slots):
+            if alive[g]:
+                hosts.setdefault(tuple(s), []).append((g, j))
+    shares = [[0.0] * len(slots) for slots in placement]
+    loads = [0.0] * len(placement)
+    multi = []
+    for s, hs in hosts.items():
+        if len(hs) == 1:
+            g, j = hs[0]
+            shares[g][j] = 1.0
+            loads[g] += rate.get(s, 0.0)
+        else:
+            multi.append(s)
+    for s in sorted(multi, key=lambda s: (-rate.get(s, 0.0), s)):
+        hs = hosts[s]
+        r = rate.get(s, 0.0)
+        if r <= 0:
+            for g, j in hs:
+                shares[g][j] = 1.0 / len(hs)
+            continue
+        got = [0] * len(hs)
+        for _ in range(quanta):
+            i = min(range(len(hs)), key=lambda i: (loads[hs[i][0]], i))
+            got[i] += 1
+            loads[hs[i][0]] += r / quanta
+        for (g, j), n in zip(hs, got):
+            shares[g][j] = n / quanta
+    return shares

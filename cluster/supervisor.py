@@ -1,16 +1,33 @@
-"""Supervisor: the control plane's reconciler. Desired state: every placed group alive; observed: pings.
+"""Supervisor: the control plane's reconciler.
 
-Each tick pings every expert group; a group that does not answer is replaced by a new
-actor hosting the same slots (weights reloaded from the source), the routing table's
-version is bumped and the new table pushed to every router, which adopts it atomically.
-State (placement, actor names, table version, events) is kept in Ray's GCS KV with
-msgpack, so a restarted supervisor resumes from it; routers keep serving while it is down.
-The loop catches, logs and continues on every tick.
+Desired state: every placed group alive and hosting its slots; every router alive; hot
+experts with more copies (EPLB packing), cooled ones back to their starting copies; the
+group count between min and max for the observed load. Observed: pings, router load
+reports (tokens per expert), Ray's placement of new groups. Each tick closes the gap:
+
+  groups   a dead group is replaced by a new actor hosting the same slots (Ray places it on
+           a live node); a dead router is re-created with the current table.
+  replicas every `rebalance_period_s`: rates over a sliding window; a hot expert gets copies
+           placed on the lightest group of a node without a copy (the copy is loaded before
+           the table names it); a copy that stayed cool is taken out of the table and
+           unloaded once routers finished the batches planned before (drain).
+  groups   aggregate rate / target per group -> more or fewer groups, with up/down delays;
+           a group Ray cannot place within `place_timeout_s` makes a `request_resources`
+           call (Ray's autoscaler adds the node); a removed group is drained, then killed.
+  shares   routers split an expert's tokens over its copies by the shares in the table,
+           computed from the observed load so groups even out.
+
+Every change publishes a new routing-table version to every router (adopted atomically).
+State (placement, names, version, events, drains) is msgpack in Ray's GCS KV: a restarted
+supervisor resumes from it; routers keep serving while it is down. Rates live in memory
+(a restarted supervisor observes afresh). The loop catches, logs and continues on every tick.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import re
 import threading
 import time
@@ -18,22 +35,31 @@ from typing import Any, Sequence
 
 import msgpack
 import ray
+import torch
 from ray.experimental import internal_kv
 
-from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
+from cluster.config import ElasticPolicy
+from cluster.eplb import ReplicaPolicy, desired_replicas, group_loads, pick_removal, place_replica, replica_shares
+from expert_workers.group import CONCURRENCY_GROUPS, SHARED, ExpertGroup
 from expert_workers.source import SourceSpec
 from router_svc.table import GroupRef, RoutingTable
 
 log = logging.getLogger(__name__)
 KV_NAMESPACE = "moe-serve"
+Slot = tuple[int, int]
+
+
+def _slots(raw: Sequence[Sequence[int]]) -> list[Slot]:
+    return [(int(l), int(e)) for l, e in raw]
 
 
 class Supervisor:
     """Created by `cluster.deploy` as a named actor with unlimited restarts."""
 
     def __init__(self, name: str, namespace: str, source: SourceSpec, group_options: dict[str, Any],
-                 group_kwargs: dict[str, Any], placement: Sequence[Sequence[tuple[int, int]]], num_experts: int,
-                 group_names: Sequence[str], router_names: Sequence[str], period_s: float = 0.5) -> None:
+                 group_kwargs: dict[str, Any], placement: Sequence[Sequence[Slot]], num_experts: int,
+                 group_names: Sequence[str], router_names: Sequence[str], period_s: float = 0.5, *,
+                 policy: ElasticPolicy | None = None, router_specs: Sequence[dict[str, Any]] = ()) -> None:
         self.name = name
         self.namespace = namespace
         self.source = source
@@ -41,16 +67,40 @@ class Supervisor:
         self.group_kwargs = group_kwargs
         self.num_experts = num_experts
         self.period_s = period_s
-        self.state: dict[str, Any] = self._load() or {
+        self.policy = policy or ElasticPolicy(min_groups=len(group_names), max_groups=len(group_names))
+        # how to re-create router i (Ray options and constructor arguments, table and groups aside)
+        self.router_specs = list(router_specs)
+        self._lock = threading.RLock()
+        loaded = self._load()
+        self.state: dict[str, Any] = loaded or {
             "placement": [[list(s) for s in slots] for slots in placement],
+            "base": [[list(s) for s in slots] for slots in placement],
             "groups": list(group_names),
+            "scaled": [False] * len(group_names),
             "routers": list(router_names),
             "version": 1,
             "events": [],
+            "draining": [],   # {"group": name, "slot": [l, e], "version": v, "since": t}
+            "retiring": [],   # {"group": name, "version": v, "since": t}
+            "pending": [],    # {"group": name, "since": t, "requested": bool}
+            "next_group": len(group_names),
+            "restarts": 0,
         }
+        if loaded is not None:  # Ray restarted this actor: carry on from the saved state
+            self.state["restarts"] += 1
+            self._event("supervisor_restart", restarts=self.state["restarts"])
         self._save()
-        # handles of the groups this process made or found; names in `state` survive restarts.
-        self._handles: dict[int, Any] = {}
+        # handles of actors this process made or found; names in `state` survive restarts.
+        self._handles: dict[str, Any] = {}
+        self._table: RoutingTable | None = None
+        # sliding window of (time, tokens per (layer, expert) summed over routers) deltas
+        self._window: collections.deque[tuple[float, dict[Slot, float]]] = collections.deque()
+        self._last_counts: dict[str, dict[Slot, int]] = {}
+        self.rates: dict[Slot, float] = {}
+        self._cool_since: dict[Slot, float] = {}
+        self._want_groups_since: tuple[int, float] | None = None
+        self._last_rebalance = 0.0
+        self._shares: list[list[float]] | None = None
         # NOTE: the loop runs on its own thread, started here, so a supervisor that Ray
         # restarts (max_restarts=-1) resumes reconciling without anyone calling it.
         self._stop = threading.Event()
@@ -68,6 +118,10 @@ class Supervisor:
     def _save(self) -> None:
         internal_kv._internal_kv_put(self._key(), msgpack.packb(self.state, use_bin_type=True), overwrite=True, namespace=KV_NAMESPACE)
 
+    def _event(self, kind: str, **detail: Any) -> None:
+        self.state["events"] = (self.state["events"] + [{"kind": kind, "at": time.time(), "version": self.state["version"], **detail}])[-100:]
+        log.warning("supervisor: %s %s", kind, detail)
+
     # -- loop ----------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -78,60 +132,392 @@ class Supervisor:
             self._stop.wait(self.period_s)
 
     def _actor(self, name: str) -> Any:
+        handle = self._handles.get(name)
+        if handle is not None:
+            return handle
         try:
-            return ray.get_actor(name, namespace=self.namespace)
+            handle = ray.get_actor(name, namespace=self.namespace)
         except ValueError:
             return None
+        self._handles[name] = handle
+        return handle
 
     def reconcile(self) -> list[int]:
-        """One tick: find dead groups, replace them, publish a new table. Returns the replaced indices."""
-        dead = []
-        for i, gname in enumerate(self.state["groups"]):
-            actor = self._handles.get(i) or self._actor(gname)
-            if actor is not None:
-                self._handles[i] = actor
-            try:
-                ok = actor is not None and ray.get(actor.ping.remote(), timeout=max(2.0, 4 * self.period_s))
-            except Exception:
-                ok = False
-            if not ok:
-                dead.append(i)
+        """One tick. Returns the indices of the groups replaced in it."""
+        with self._lock:
+            replaced = self._heal_groups()
+            self._heal_routers()
+            self._settle_pending()
+            now = time.monotonic()
+            if now - self._last_rebalance >= self.policy.rebalance_period_s:
+                self._last_rebalance = now
+                self._observe_load()
+                changed = self._scale_groups()
+                changed = self._scale_replicas() or changed
+                shares = replica_shares(self._placement(), self.rates)
+                if changed or self._shares_moved(shares):
+                    self._shares = shares
+                    self._publish("rebalance")
+            self._finish_drains()
+            return replaced
+
+    # -- groups ----------------------------------------------------------------
+    def _placement(self) -> list[list[Slot]]:
+        return [_slots(p) for p in self.state["placement"]]
+
+    def _ping(self, name: str) -> bool:
+        actor = self._actor(name)
+        try:
+            return actor is not None and ray.get(actor.ping.remote(), timeout=max(2.0, 4 * self.period_s)) is True
+        except Exception:
+            return False
+
+    def _heal_groups(self) -> list[int]:
+        dead = [i for i, gname in enumerate(self.state["groups"]) if not self._ping(gname)]
         if not dead:
             return []
         t0 = time.monotonic()
+        names = [self.state["groups"][i] for i in dead]
         for i in dead:
             self._replace(i)
-        self._publish()
-        self.state["events"] = (self.state["events"] + [
-            {"kind": "failover", "groups": dead, "recovery_s": time.monotonic() - t0, "at": time.time(),
-             "version": self.state["version"]}])[-50:]
+        self._publish("failover")
+        self._event("failover", groups=names, replacements=[self.state["groups"][i] for i in dead],
+                    recovery_s=time.monotonic() - t0)
         self._save()
         return dead
 
+    def _new_group(self, name: str, slots: Sequence[Slot]) -> Any:
+        cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
+        return cls.options(name=name, namespace=self.namespace, **self.group_options).remote(
+            name, self.source, list(slots), **self.group_kwargs)
+
     def _replace(self, index: int) -> None:
         old = self.state["groups"][index]
-        stale = self._handles.pop(index, None) or self._actor(old)
+        stale = self._handles.pop(old, None) or self._actor(old)
+        self._handles.pop(old, None)
         if stale is not None:
             ray.kill(stale)
         m = re.match(r"^(.*)-r(\d+)$", old)
         base, gen = (m.group(1), int(m.group(2)) + 1) if m else (old, 1)
         new_name = f"{base}-r{gen}"
-        slots = [tuple(s) for s in self.state["placement"][index]]
-        cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
-        actor = cls.options(name=new_name, namespace=self.namespace, **self.group_options).remote(
-            new_name, self.source, slots, **self.group_kwargs)
+        actor = self._new_group(new_name, self._placement()[index])
         ray.get(actor.info.remote(), timeout=300)
         self.state["groups"][index] = new_name
-        self._handles[index] = actor
+        self._handles[new_name] = actor
+        # copies being drained from the dead group are gone with it
+        self.state["draining"] = [d for d in self.state["draining"] if d["group"] != old]
         log.warning("expert group %s replaced by %s", old, new_name)
 
-    def _publish(self) -> None:
-        handles = [self._handles.get(i) or self._actor(n) for i, n in enumerate(self.state["groups"])]
-        infos = ray.get([h.info.remote() for h in handles], timeout=60)
+    # -- routers ---------------------------------------------------------------
+    def _heal_routers(self) -> None:
+        for i, rname in enumerate(self.state["routers"]):
+            actor = self._actor(rname)
+            try:
+                if actor is not None:
+                    ray.get(actor.load.remote(), timeout=10)
+                    continue
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy, not dead
+            except Exception:
+                pass
+            if i >= len(self.router_specs):
+                continue
+            self._handles.pop(rname, None)
+            t0 = time.monotonic()
+            try:
+                self._restart_router(i, rname)
+            except Exception as e:
+                log.warning("router %s could not be re-created yet: %s", rname, e)
+                continue
+            self._event("router_restart", router=rname, recovery_s=time.monotonic() - t0)
+            self._save()
+
+    def _restart_router(self, index: int, rname: str) -> None:
+        from router_svc.router import Router
+
+        spec = self.router_specs[index]
+        table, handles = self._current_table()
+        router = ray.remote(Router).options(name=rname, namespace=self.namespace, **spec["options"]).remote(
+            table=table, groups=handles, **spec["kwargs"])
+        ray.get(router.start.remote(), timeout=120)
+        self._handles[rname] = router
+
+    # -- load ------------------------------------------------------------------
+    def _observe_load(self) -> None:
+        """Add the tokens every router routed since the last look to the window; rates over it."""
+        now = time.monotonic()
+        delta: dict[Slot, float] = {}
+        for rname in self.state["routers"]:
+            actor = self._actor(rname)
+            if actor is None:
+                continue
+            try:
+                report = ray.get(actor.load.remote(), timeout=10)
+            except Exception:
+                continue
+            counts = {(int(l), e): int(n) for l, row in report["expert_tokens"].items() for e, n in enumerate(row)}
+            last = self._last_counts.get(rname)
+            self._last_counts[rname] = counts
+            if last is None:
+                continue  # first look at this router: a baseline
+            for s, n in counts.items():
+                d = n - last.get(s, 0)
+                delta[s] = delta.get(s, 0.0) + (d if d >= 0 else n)  # a restarted router counts from 0
+        self._window.append((now, delta))
+        while len(self._window) > 1 and now - self._window[0][0] > self.policy.load_window_s:
+            self._window.popleft()
+        span = max(now - self._window[0][0], self.policy.rebalance_period_s, 1e-3) if len(self._window) > 1 else None
+        rates: dict[Slot, float] = {}
+        if span is not None:
+            for _, d in list(self._window)[1:]:
+                for s, n in d.items():
+                    rates[s] = rates.get(s, 0.0) + n / span
+        self.rates = rates
+
+    def _shares_moved(self, shares: list[list[float]]) -> bool:
+        """True when the load split moved by more than 5% of some slot's tokens (or its shape changed)."""
+        old = self._shares
+        if old is None or [len(s) for s in old] != [len(s) for s in shares]:
+            old = replica_shares(self._placement(), {})  # what routers use without shares: even
+        return any(abs(a - b) > 0.05 for new, was in zip(shares, old) for a, b in zip(new, was))
+
+    # -- replicas --------------------------------------------------------------
+    def _nodes(self) -> list[str]:
+        if self._table is not None and len(self._table.groups) == len(self.state["groups"]) and \
+                [g.name for g in self._table.groups] == self.state["groups"]:
+            return [g.node_id for g in self._table.groups]
+        infos = ray.get([self._actor(n).info.remote() for n in self.state["groups"]], timeout=60)
+        return [i["node_id"] for i in infos]
+
+    def _scale_replicas(self) -> bool:
+        """Hot experts up, cooled ones down (after the delay). True if the placement changed."""
+        policy = ReplicaPolicy(hot_threshold=self.policy.hot_threshold, max_replicas=self.policy.max_replicas,
+                               min_rate=self.policy.min_rate)
+        placement = self._placement()
+        base = [_slots(b) for b in self.state["base"]]
+        retiring = {r["group"] for r in self.state["retiring"]}
+        usable = [g for g, n in enumerate(self.state["groups"]) if n not in retiring]
+        nodes = self._nodes()
+        layers = sorted({l for slots in placement for l, e in slots})
+        changed = False
+        now = time.monotonic()
+        for layer in layers:
+            rate_E = torch.tensor([self.rates.get((layer, e), 0.0) for e in range(self.num_experts)])
+            cur_E = torch.zeros(self.num_experts, dtype=torch.int64)
+            base_E = torch.zeros(self.num_experts, dtype=torch.int64)
+            for g, slots in enumerate(placement):
+                for l, e in slots:
+                    if l == layer and e != SHARED:
+                        cur_E[e] += 1
+            for slots in base:
+                for l, e in slots:
+                    if l == layer and e != SHARED:
+                        base_E[e] += 1
+            want_E = desired_replicas(rate_E, cur_E, base_E, policy)
+            for e in torch.argsort(rate_E / cur_E.clamp_min(1), descending=True).tolist():
+                slot = (layer, e)
+                if int(want_E[e]) > int(cur_E[e]):
+                    self._cool_since.pop(slot, None)
+                    for _ in range(int(want_E[e]) - int(cur_E[e])):
+                        loads = group_loads(placement, self.rates)
+                        g = place_replica(placement, slot, loads, nodes, usable)
+                        if g is None:
+                            break
+                        self._add_copy(g, slot)
+                        placement = self._placement()
+                        changed = True
+                        self._event("replica_added", layer=layer, expert=e, group=self.state["groups"][g],
+                                    rate=float(rate_E[e]), copies=sum(slot in p for p in placement))
+                elif int(want_E[e]) < int(cur_E[e]):
+                    since = self._cool_since.setdefault(slot, now)
+                    if now - since < self.policy.replica_down_delay_s:
+                        continue
+                    g = pick_removal(placement, base, slot, group_loads(placement, self.rates), nodes)
+                    if g is None:
+                        continue
+                    self._remove_copy(g, slot)
+                    placement = self._placement()
+                    self._cool_since.pop(slot, None)
+                    changed = True
+                    self._event("replica_removed", layer=layer, expert=e, group=self.state["groups"][g],
+                                rate=float(rate_E[e]), copies=sum(slot in p for p in placement))
+                else:
+                    self._cool_since.pop(slot, None)
+        return changed
+
+    def _add_copy(self, g: int, slot: Slot) -> None:
+        """Load the copy on group g (before any table names it)."""
+        placement = self._placement()
+        name = self.state["groups"][g]
+        # a copy still draining there is simply kept
+        self.state["draining"] = [d for d in self.state["draining"] if not (d["group"] == name and tuple(d["slot"]) == slot)]
+        hosted = placement[g] + [slot] + [tuple(d["slot"]) for d in self.state["draining"] if d["group"] == name]
+        ray.get(self._actor(name).set_slots.remote(hosted), timeout=300)
+        self.state["placement"][g] = [list(s) for s in placement[g] + [slot]]
+
+    def _remove_copy(self, g: int, slot: Slot) -> None:
+        """Take the copy out of the placement; the group unloads it after the drain."""
+        self.state["placement"][g] = [list(s) for s in self._placement()[g] if s != slot]
+        self.state["draining"].append({"group": self.state["groups"][g], "slot": list(slot),
+                                       "version": self.state["version"] + 1, "since": time.time()})
+
+    # -- groups: autoscaling ---------------------------------------------------
+    def _scale_groups(self) -> bool:
+        p = self.policy
+        if p.max_groups <= p.min_groups and len(self.state["groups"]) >= p.min_groups:
+            return False
+        n = len(self.state["groups"]) + len(self.state["pending"])
+        total = sum(self.rates.values())
+        want = n
+        if p.target_group_tokens_per_s > 0:
+            want = max(p.min_groups, min(p.max_groups, math.ceil(total / p.target_group_tokens_per_s) if total > 0 else p.min_groups))
+        want = max(want, p.min_groups)
+        now = time.monotonic()
+        if want == n:
+            self._want_groups_since = None
+            return False
+        if self._want_groups_since is None or self._want_groups_since[0] != want:
+            self._want_groups_since = (want, now)
+        delay = p.scale_up_delay_s if want > n else p.scale_down_delay_s
+        if now - self._want_groups_since[1] < delay:
+            return False
+        self._want_groups_since = None
+        if want > n:
+            name = f"{self.name}-group-{self.state['next_group']}"
+            self.state["next_group"] += 1
+            self._handles[name] = self._new_group(name, [])
+            self.state["pending"].append({"group": name, "since": time.time(), "requested": False})
+            self._event("group_requested", group=name, rate=total, groups=n + 1)
+            self._save()
+            return False
+        # down: the newest group the autoscaler added
+        scaled = [i for i, s in enumerate(self.state["scaled"]) if s]
+        if not scaled:
+            return False
+        i = scaled[-1]
+        name = self.state["groups"][i]
+        for key in ("groups", "placement", "base", "scaled"):
+            del self.state[key][i]
+        self.state["retiring"].append({"group": name, "version": self.state["version"] + 1, "since": time.time()})
+        self._event("group_removed", group=name, rate=total, groups=len(self.state["groups"]))
+        return True
+
+    def _settle_pending(self) -> None:
+        """Groups the autoscaler asked for: placed -> filled with copies of the heaviest experts and
+        published; not placed within `place_timeout_s` -> ask Ray's autoscaler for room."""
+        if not self.state["pending"]:
+            return
+        still = []
+        changed = False
+        for entry in self.state["pending"]:
+            name = entry["group"]
+            actor = self._actor(name)
+            if actor is None:
+                actor = self._handles[name] = self._new_group(name, [])
+            ready, _ = ray.wait([actor.info.remote()], timeout=0.5)
+            if ready:
+                try:
+                    ray.get(ready[0])
+                except Exception as e:
+                    log.warning("new group %s failed: %s", name, e)
+                    self._handles.pop(name, None)
+                    continue
+                self._fill_new_group(name)
+                self._event("group_added", group=name, waited_s=time.time() - entry["since"],
+                            groups=len(self.state["groups"]))
+                changed = True
+                continue
+            if not entry["requested"] and time.time() - entry["since"] > self.policy.place_timeout_s:
+                bundles = self._resource_bundles(len(self.state["groups"]) + len(self.state["pending"]))
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=bundles)
+                entry["requested"] = True
+                self._event("resources_requested", group=name, bundles=bundles)
+            still.append(entry)
+        self.state["pending"] = still
+        if changed:
+            self._shares = replica_shares(self._placement(), self.rates)
+            self._publish("scale_up")
+        self._save()
+
+    def _resource_bundles(self, groups: int) -> list[dict[str, float]]:
+        bundle = {"CPU": float(self.group_options.get("num_cpus", 1.0))}
+        if self.group_options.get("num_gpus"):
+            bundle["GPU"] = float(self.group_options["num_gpus"])
+        return [dict(bundle) for _ in range(groups)]
+
+    def _fill_new_group(self, name: str) -> None:
+        """A new group takes as many slots as the average group: copies of the slots with the most
+        load per copy that it does not hold yet (EPLB: replicate the heaviest into spare slots)."""
+        placement = self._placement()
+        size = max(1, round(sum(len(p) for p in placement) / max(len(placement), 1)))
+        copies: dict[Slot, int] = collections.Counter(s for p in placement for s in p)
+        ranked = sorted((s for s in copies if s[1] != SHARED),
+                        key=lambda s: (-self.rates.get(s, 0.0) / copies[s], copies[s], s))
+        slots = ranked[:size]
+        ray.get(self._actor(name).set_slots.remote(slots), timeout=300)
+        self.state["groups"].append(name)
+        self.state["placement"].append([list(s) for s in slots])
+        self.state["base"].append([list(s) for s in slots])
+        self.state["scaled"].append(True)
+
+    # -- drains ----------------------------------------------------------------
+    def _finish_drains(self) -> None:
+        """Unload copies / kill groups once every router finished the batches planned before
+        the version that dropped them (or after `drain_timeout_s`)."""
+        if not self.state["draining"] and not self.state["retiring"]:
+            return
+        oldest = self.state["version"]
+        for rname in self.state["routers"]:
+            actor = self._actor(rname)
+            try:
+                report = ray.get(actor.load.remote(), timeout=10) if actor is not None else None
+            except Exception:
+                report = None
+            if report is not None:
+                oldest = min(oldest, report["oldest_in_flight"], report["version"])
+        now = time.time()
+        done_drains = [d for d in self.state["draining"] if oldest >= d["version"] or now - d["since"] > self.policy.drain_timeout_s]
+        for d in done_drains:
+            if d["group"] in self.state["groups"]:
+                g = self.state["groups"].index(d["group"])
+                keep = self._placement()[g] + [tuple(x["slot"]) for x in self.state["draining"]
+                                               if x["group"] == d["group"] and x not in done_drains]
+                try:
+                    ray.get(self._actor(d["group"]).set_slots.remote(keep), timeout=60)
+                except Exception as e:
+                    log.warning("unloading %s from %s: %s", d["slot"], d["group"], e)
+        self.state["draining"] = [d for d in self.state["draining"] if d not in done_drains]
+        done_groups = [r for r in self.state["retiring"] if oldest >= r["version"] or now - r["since"] > self.policy.drain_timeout_s]
+        for r in done_groups:
+            actor = self._actor(r["group"])
+            self._handles.pop(r["group"], None)
+            if actor is not None:
+                try:
+                    ray.get(actor.shutdown.remote(), timeout=10)
+                except Exception:
+                    pass
+                ray.kill(actor)
+        self.state["retiring"] = [r for r in self.state["retiring"] if r not in done_groups]
+        if done_drains or done_groups:
+            self._save()
+
+    # -- tables ------------------------------------------------------------------
+    def _current_table(self) -> tuple[RoutingTable, list[Any]]:
+        handles = [self._actor(n) for n in self.state["groups"]]
+        if self._table is None or self._table.version != self.state["version"]:
+            infos = ray.get([h.info.remote() for h in handles], timeout=60)
+            shares = self._shares if self._shares is not None and [len(s) for s in self._shares] == [len(p) for p in self.state["placement"]] else None
+            self._table = RoutingTable.build(self.state["version"], self.num_experts,
+                                             [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos],
+                                             self._placement(), shares)
+        return self._table, handles
+
+    def _publish(self, why: str) -> None:
         self.state["version"] += 1
-        table = RoutingTable.build(self.state["version"], self.num_experts,
-                                   [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos],
-                                   [[tuple(s) for s in slots] for slots in self.state["placement"]])
+        self._table = None
+        table, handles = self._current_table()
         for rname in self.state["routers"]:
             router = self._actor(rname)
             if router is None:
@@ -140,11 +526,30 @@ class Supervisor:
                 ray.get(router.update_table.remote(table, handles), timeout=60)
             except Exception as e:
                 log.warning("router %s did not take table v%d: %s", rname, table.version, e)
+        self._save()
 
     # -- admin -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"groups": list(self.state["groups"]), "version": self.state["version"],
-                "events": list(self.state["events"])}
+        """Groups (names, nodes, slots), experts (copies, where, rate), table version, events."""
+        with self._lock:
+            placement = self._placement()
+            table = self._table
+            nodes = {g.name: g.node_id for g in table.groups} if table is not None else {}
+            experts = []
+            for slot in sorted({s for p in placement for s in p}):
+                hosts = [self.state["groups"][g] for g, p in enumerate(placement) if slot in p]
+                experts.append({"layer": slot[0], "expert": slot[1], "replicas": len(hosts), "groups": hosts,
+                                "tokens_per_s": self.rates.get(slot, 0.0)})
+            loads = group_loads(placement, self.rates, self._shares if self._shares is not None and
+                                [len(s) for s in self._shares] == [len(p) for p in placement] else None)
+            groups = [{"name": n, "node_id": nodes.get(n, ""), "slots": [list(s) for s in placement[i]],
+                       "scaled": bool(self.state["scaled"][i]), "tokens_per_s": loads[i]}
+                      for i, n in enumerate(self.state["groups"])]
+            return {"groups": list(self.state["groups"]), "version": self.state["version"],
+                    "events": [dict(e) for e in self.state["events"]], "experts": experts, "group_info": groups,
+                    "pending": [dict(p) for p in self.state["pending"]], "draining": [dict(d) for d in self.state["draining"]],
+                    "retiring": [dict(r) for r in self.state["retiring"]], "routers": list(self.state["routers"]),
+                    "restarts": self.state["restarts"], "placement": [[list(s) for s in p] for p in placement]}
 
     def stop(self) -> None:
         self._stop.set()

@@ -30,8 +30,8 @@ from expert_workers.weights import SharedWeights
 
 # expert id of a layer's shared experts when they are hosted as a slot.
 SHARED = -1
-# Ray concurrency groups of the actor: health and admin calls never queue behind compute.
-CONCURRENCY_GROUPS = {"control": 2}
+# Ray concurrency groups of the actor: health calls and slot changes never queue behind compute.
+CONCURRENCY_GROUPS = {"control": 2, "admin": 1}
 
 
 def local_order(experts: Sequence[int]) -> list[int]:
@@ -53,34 +53,58 @@ class GroupCore:
     def __init__(self, source: SourceSpec, slots: Sequence[tuple[int, int]], *, device: str, dtype: str) -> None:
         self.device = torch.device(device)
         self.dtype = wire.DTYPES[dtype]
-        src = open_source(source)
-        self.spec = src.spec
-        by_layer: dict[int, list[int]] = {}
-        for layer, expert in slots:
-            by_layer.setdefault(int(layer), []).append(int(expert))
-        self.layers: dict[int, _LayerSlots] = {}
-        for layer, experts in sorted(by_layer.items()):
-            order = local_order(experts)
-            routed = [e for e in order if e != SHARED]
-            grouped = None
-            if routed:
-                weights = [src.expert(layer, e).to(dtype=self.dtype, device=self.device) for e in routed]
-                grouped = GroupedExperts(weights, activation=self.spec.activation, gated=self.spec.gated)
-            shared = None
-            if SHARED in order:
-                sw = src.shared(layer)
-                if sw is None:
-                    raise ConfigError(field="slots", value=(layer, SHARED), expected=f"a shared-expert slot only on a model with shared experts (layer {layer} has no shared experts)")
-                shared = SharedWeights(ffn=sw.ffn.to(dtype=self.dtype, device=self.device), gate=None)
-            self.layers[layer] = _LayerSlots(experts=order, grouped=grouped, shared=shared)
-        self.slots = [(layer, e) for layer, ls in self.layers.items() for e in ls.experts]
+        self._src = open_source(source)
+        self.spec = self._src.spec
         self._lock = threading.Lock()
         # NOTE: one batch computes at a time whichever transport brought it (actor thread, gRPC
         # server threads): overlapping batches would only split the group's torch threads.
         self._compute = threading.Lock()
-        self.tokens = {slot: 0 for slot in self.slots}
+        self._weights: dict[tuple[int, int], Any] = {}
+        self.layers: dict[int, _LayerSlots] = {}
+        self.slots: list[tuple[int, int]] = []
+        self.tokens: dict[tuple[int, int], int] = {}
         self.busy_s = 0.0
         self.batches = 0
+        self.set_slots(slots)
+
+    def _layer(self, layer: int, experts: Sequence[int]) -> _LayerSlots:
+        order = local_order(experts)
+        routed = [e for e in order if e != SHARED]
+        grouped = None
+        if routed:
+            for e in routed:
+                if (layer, e) not in self._weights:
+                    self._weights[(layer, e)] = self._src.expert(layer, e).to(dtype=self.dtype, device=self.device)
+            grouped = GroupedExperts([self._weights[(layer, e)] for e in routed], activation=self.spec.activation, gated=self.spec.gated)
+        shared = None
+        if SHARED in order:
+            sw = self._src.shared(layer)
+            if sw is None:
+                raise ConfigError(field="slots", value=(layer, SHARED), expected=f"a shared-expert slot only on a model with shared experts (layer {layer} has no shared experts)")
+            shared = SharedWeights(ffn=sw.ffn.to(dtype=self.dtype, device=self.device), gate=None)
+        return _LayerSlots(experts=order, grouped=grouped, shared=shared)
+
+    def set_slots(self, slots: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Host exactly `slots` from now on: load the weights of new ones, free those gone.
+
+        Layers whose slot set changed are rebuilt off the compute lock and swapped in under it,
+        so batches keep running meanwhile; a batch naming an expert no longer hosted is refused.
+        """
+        by_layer: dict[int, list[int]] = {}
+        for layer, expert in slots:
+            if int(expert) not in by_layer.setdefault(int(layer), []):
+                by_layer[int(layer)].append(int(expert))
+        built = {layer: self._layer(layer, experts) for layer, experts in sorted(by_layer.items())
+                 if layer not in self.layers or sorted(self.layers[layer].experts) != sorted(local_order(experts))}
+        with self._compute:
+            layers = {layer: built.get(layer) or self.layers[layer] for layer in sorted(by_layer)}
+            self.layers = layers
+            self.slots = [(layer, e) for layer, ls in layers.items() for e in ls.experts]
+            keep = set(self.slots)
+            self._weights = {k: w for k, w in self._weights.items() if k in keep}
+            with self._lock:
+                self.tokens = {slot: self.tokens.get(slot, 0) for slot in self.slots}
+        return list(self.slots)
 
     def compute(self, layer: int, experts: Sequence[int], counts: Sequence[int], x_ND: torch.Tensor) -> torch.Tensor:
         """Rows sorted by this group's slot order -> FFN outputs (N, D), same order and dtype as x."""
@@ -116,7 +140,7 @@ class GroupCore:
             dt = time.perf_counter() - t0
         with self._lock:
             for e, c in zip(experts, counts):
-                self.tokens[(layer, e)] += int(c)
+                self.tokens[(layer, e)] = self.tokens.get((layer, e), 0) + int(c)
             self.busy_s += dt
             self.batches += 1
         return out.to(x_ND.dtype) if out.dtype != x_ND.dtype else out
@@ -168,6 +192,12 @@ class ExpertGroup:
     def ping(self) -> bool:
         """Answered on its own thread, so a group busy computing still reads as alive."""
         return True
+
+    @ray.method(concurrency_group="admin")
+    def set_slots(self, slots: Sequence[tuple[int, int]]) -> list[list[int]]:
+        """Host exactly `slots` (the supervisor adds a replica before publishing it, and removes
+        one after routers drained it). Loading runs beside compute, not behind it."""
+        return [list(s) for s in self.core.set_slots([(int(l), int(e)) for l, e in slots])]
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from expert_workers.errors import ConfigError
 
 TRANSPORT_MODES = ("auto", "rdt", "object_store", "grpc")
 SHARED_PLACEMENTS = ("router", "slot")
-FAILOVER_POLICIES = ("wait", "fail", "drop")
+FAILOVER_POLICIES = ("wait", "reroute", "fail", "drop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +29,8 @@ class DataPlaneConfig:
     # creator may submit its RDT tasks, so one router per deployment owns the RDT path;
     # the others use the object store and gRPC.
     rdt_owner: bool = True
-    # no live replica for an expert: "wait" for the supervisor to restore one, "fail" the
+    # no live replica for an expert: "wait" for the supervisor to restore one, "reroute" to the
+    # token's next-best live expert (weight kept, tokens reported as degraded), "fail" the
     # request (UNAVAILABLE), or "drop" those assignments (tokens reported as degraded).
     failover: str = "wait"
     # how long `wait` holds a batch for the supervisor to restore a host.

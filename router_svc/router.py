@@ -60,6 +60,61 @@ class ForwardOutput:
     routing_table_version: int = 0
 
 
+def _split(expert_N: torch.Tensor, cum_ER: torch.Tensor) -> torch.Tensor:
+    """Which live copy takes each assignment: an expert's assignments of rank r (of n, in order)
+    go to the first copy whose cumulative share exceeds (r + 0.5) / n (the table's load split)."""
+    n = expert_N.numel()
+    if n == 0 or cum_ER.shape[1] == 1:
+        return torch.zeros_like(expert_N)
+    order = torch.argsort(expert_N, stable=True)
+    sorted_e = expert_N[order]
+    counts = torch.bincount(sorted_e, minlength=cum_ER.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[sorted_e]
+    u = ((rank.double() + 0.5) / counts[sorted_e].double()).unsqueeze(1)
+    pick_sorted = (cum_ER[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
+    pick = torch.empty_like(expert_N)
+    pick[order] = pick_sorted
+    return pick
+
+
+def _reroute_lost(token_N: torch.Tensor, expert_N: torch.Tensor, lost_N: torch.Tensor, logits_TE: torch.Tensor,
+                  live_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Failover `reroute`: each assignment to an expert with no live copy moves, with its weight, to
+    the token's best live expert by gate logit that the token does not use yet (a token's weights
+    keep their sum). Returns the new experts and what is still lost (no live candidate; the shared
+    slot). A token losing two experts gets its best and second-best candidates, in assignment order."""
+    num_e = logits_TE.shape[1]
+    expert_N = expert_N.clone()
+    still = lost_N.clone()
+    routed = expert_N < num_e
+    used_TE = torch.zeros(logits_TE.shape, dtype=torch.bool)
+    used_TE[token_N[routed], expert_N[routed]] = True
+    todo = torch.nonzero(lost_N & routed).flatten()
+    while todo.numel():
+        toks = token_N[todo]
+        # one row per token per round, so a token's two lost rows never take the same candidate
+        first = torch.zeros_like(todo, dtype=torch.bool)
+        first[torch.tensor(_first_index(toks.tolist()), dtype=torch.int64)] = True
+        rows, toks = todo[first], toks[first]
+        scores = logits_TE[toks].masked_fill(~live_E.unsqueeze(0) | used_TE[toks], float("-inf"))
+        best = scores.argmax(1)
+        ok = torch.isfinite(scores.gather(1, best[:, None]).squeeze(1))
+        expert_N[rows[ok]] = best[ok]
+        still[rows[ok]] = False
+        used_TE[toks[ok], best[ok]] = True
+        todo = todo[~first]
+    return expert_N, still
+
+
+def _first_index(values: list[int]) -> list[int]:
+    """Positions of each value's first occurrence."""
+    seen: dict[int, int] = {}
+    for i, v in enumerate(values):
+        seen.setdefault(v, i)
+    return list(seen.values())
+
+
 class _NoLiveReplica(Exception):
     def __init__(self, expert: int) -> None:
         super().__init__(expert)
@@ -130,6 +185,8 @@ class Router:
         # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
         self.dead: set[int] = set()
         self._table_changed = asyncio.Event()
+        # batches in flight per routing-table version they were planned with (the supervisor drains by it)
+        self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "peak_in_flight": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
 
@@ -284,6 +341,7 @@ class Router:
             waited_until = time.monotonic() + self.config.failover_wait_s
             for _ in range(len(self.groups) + 8):
                 try:
+                    version = self.table.version
                     batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
                 except _NoLiveReplica as e:
                     # NOTE: failover 'wait': hold the batch until the supervisor publishes a table with a live host.
@@ -295,6 +353,7 @@ class Router:
                     except asyncio.TimeoutError:
                         pass
                     continue
+                self._planned[version] = self._planned.get(version, 0) + 1
                 try:
                     y_ND, used = await self._dispatch(batch)
                     break
@@ -303,6 +362,10 @@ class Router:
                     log.warning("expert groups %s down; planning around them", list(e.groups))
                     self.dead.update(e.groups)
                     self.counters["failovers"] = self.counters.get("failovers", 0) + 1
+                finally:
+                    self._planned[version] -= 1
+                    if not self._planned[version]:
+                        del self._planned[version]
             else:
                 raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group")
             out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
@@ -359,10 +422,13 @@ class Router:
                 raise ExpertUnavailableError(layer=layer, expert=-1 if e == self.spec.num_experts else e,
                                              reason="no live replica (failover policy 'fail')")
             degraded = sorted(set(token_N[lost].tolist()))
+            if self.config.failover == "reroute":
+                logits_TE = torch.cat([a.logits_TE.float() for a in assignments])
+                expert_N, lost = _reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
+                count_N = count_E[expert_N]
             keep = ~lost
             token_N, expert_N, weight_N, count_N = token_N[keep], expert_N[keep], weight_N[keep], count_N[keep]
-        # NOTE: tokens of an expert are split evenly over its live replicas (by token index).
-        pick_N = token_N % count_N.clamp_min(1)
+        pick_N = _split(expert_N, self.table.split_alive(layer, frozenset(self.dead)))
         g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
         plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
@@ -438,12 +504,19 @@ class Router:
         return {"model": self.spec.family, "routing_table_version": self.table.version, "experts": experts,
                 "groups": groups, "routers": routers}
 
+    def load(self) -> dict[str, Any]:
+        """What the supervisor observes: tokens routed per (layer, expert) since start, the table
+        version in use and the oldest version a batch in flight was planned with."""
+        return {"name": self.name, "at": time.time(), "version": self.table.version,
+                "oldest_in_flight": min(self._planned, default=self.table.version),
+                "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers}}
+
     async def update_table(self, table: RoutingTable, groups: Sequence[Any]) -> int:
         """Adopt a newer routing table atomically (batches planned after this call use it)."""
         if table.version <= self.table.version:
             return self.table.version
         rdt = self.transports["rdt"]
-        if getattr(rdt, "group", None) is not None:
+        if getattr(rdt, "group", None) is not None and [g.name for g in table.groups] != [g.name for g in self.table.groups]:
             await rdt.close()  # members changed: the collective group is rebuilt with the new ones
         self.table = table
         self.groups = list(groups)

@@ -28,16 +28,23 @@ class RoutingTable:
     num_experts: int
     groups: tuple[GroupRef, ...]
     placement: tuple[tuple[tuple[int, int], ...], ...]
-    _lookup: dict[tuple[int, frozenset[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+    # shares[g][j]: the fraction of slot placement[g][j]'s tokens that copy takes (empty: even split).
+    shares: tuple[tuple[float, ...], ...] = ()
+    _lookup: dict[tuple, object] = field(
         default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, version: int, num_experts: int, groups: Sequence[GroupRef], placement: Sequence[Sequence[tuple[int, int]]]) -> "RoutingTable":
+    def build(cls, version: int, num_experts: int, groups: Sequence[GroupRef], placement: Sequence[Sequence[tuple[int, int]]],
+              shares: Sequence[Sequence[float]] | None = None) -> "RoutingTable":
+        placed = tuple(tuple((int(l), int(e)) for l, e in slots) for slots in placement)
+        if shares is not None and [len(s) for s in shares] != [len(s) for s in placed]:
+            raise ValueError("shares must have one entry per placed slot")
         return cls(
             version=version,
             num_experts=num_experts,
             groups=tuple(groups),
-            placement=tuple(tuple((int(l), int(e)) for l, e in slots) for slots in placement),
+            placement=placed,
+            shares=() if shares is None else tuple(tuple(float(x) for x in s) for s in shares),
         )
 
     def replicas(self, layer: int, expert: int) -> list[tuple[int, int]]:
@@ -69,6 +76,36 @@ class RoutingTable:
             count = torch.tensor([len(h) for h in hosts], dtype=torch.int64)
             self._lookup[key] = (group, local, count)
         return self._lookup[key]
+
+    def split_alive(self, layer: int, dead: frozenset[int] = frozenset()) -> torch.Tensor:
+        """(E+1, R) cumulative token shares of the live copies, in `lookup_alive`'s order, ending at 1.
+
+        A router sends an expert's tokens of rank r (of n) to the first copy whose cumulative share
+        exceeds (r + 0.5) / n. Without shares, or when a slot's live copies have none, the split is even.
+        """
+        key = ("split", layer, dead)
+        if key not in self._lookup:
+            group, _, count = self.lookup_alive(layer, dead)
+            share = torch.zeros(group.shape, dtype=torch.float64)
+            pos: dict[tuple[int, int], float] = {}
+            if self.shares:
+                for g, slots in enumerate(self.placement):
+                    for (l, e), w in zip(slots, self.shares[g]):
+                        if l == layer:
+                            pos[(g, self.num_experts if e == SHARED else e)] = w
+            for e in range(group.shape[0]):
+                n = int(count[e])
+                if n == 0:
+                    continue
+                w = torch.tensor([pos.get((int(group[e, j]), e), 0.0) for j in range(n)], dtype=torch.float64)
+                share[e, :n] = w / w.sum() if float(w.sum()) > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
+            cum = share.cumsum(1)
+            for e in range(group.shape[0]):
+                n = int(count[e])
+                if n:
+                    cum[e, n - 1:] = 1.0
+            self._lookup[key] = cum  # type: ignore[index]
+        return self._lookup[key]  # type: ignore[index]
 
     def lookup(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(group_of, local_of), each (E+1,) int64; -1 where a slot has no host. First replica wins."""
