@@ -137,6 +137,8 @@ class DeploymentSettings:
         if self.max_replicas is not None and not self.replicas <= self.max_replicas:
             raise ConfigError(field=p + "max_replicas", value=self.max_replicas, expected=f"at least replicas={self.replicas}")
         lo, hi = self.group_range
+        if lo < self.replicas:
+            raise ConfigError(field=p + "min_groups", value=lo, expected=f"at least replicas={self.replicas} (copies sit on distinct groups)")
         if not lo <= self.expert_groups <= hi:
             raise ConfigError(field=p + "min_groups" if lo > self.expert_groups else p + "max_groups", value=lo if lo > self.expert_groups else hi,
                               expected=f"min_groups <= expert_groups={self.expert_groups} <= max_groups")

@@ -97,11 +97,10 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
     device = _resolve_device(d.device)
     run_id = uuid.uuid4().hex[:6]
     name = f"{d.name}-{run_id}"
-    placement = spread_replicated(all_slots(spec, shared_as_slot=d.shared_experts == "slot"), d.expert_groups, d.replicas)
     group_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
     groups, routers = [], []
     try:
-        for i, slots in enumerate(placement):
+        for i in range(d.expert_groups):
             # NOTE: SPREAD puts groups on different nodes where there are several, so replicas of one
             # expert (always on distinct groups) rarely share a node.
             opts: dict[str, Any] = {"name": f"{name}-group-{i}", "namespace": NAMESPACE, "num_cpus": d.group_cpus,
@@ -111,10 +110,15 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
             if device == "cuda":
                 opts["num_gpus"] = d.group_gpus
             groups.append(group_cls.options(**opts).remote(
-                f"{name}-group-{i}", source, slots, device=device, dtype=cfg.model.dtype,
+                f"{name}-group-{i}", source, [], device=device, dtype=cfg.model.dtype,
                 num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
             ))
         infos = _placed([g.info.remote() for g in groups], "expert groups", d.expert_groups * d.group_cpus)
+        # NOTE: slots are dealt once Ray placed the groups, so copies of one expert go to groups
+        # on different nodes wherever the cluster has them.
+        placement = spread_replicated(all_slots(spec, shared_as_slot=d.shared_experts == "slot"), d.expert_groups,
+                                      d.replicas, nodes=[i["node_id"] for i in infos])
+        ray.get([g.set_slots.remote(slots) for g, slots in zip(groups, placement)], timeout=PLACE_TIMEOUT_S)
         table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
         gw = cfg.gateway
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
@@ -240,13 +244,17 @@ class Deployment:
         """
         if self.supervisor is None:
             return False
-        names = [f"{self.name}-router-{i}" for i in range(len(self.routers))]
+        # NOTE: only dead handles are swapped: dropping the handle that created a live router would end it.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
-                ray.get([h.load.remote() for h in handles], timeout=10)
-                self.routers = handles
+                for i, h in enumerate(self.routers):
+                    try:
+                        ray.get(h.load.remote(), timeout=10)
+                    except ray.exceptions.RayActorError:
+                        fresh = ray.get_actor(f"{self.name}-router-{i}", namespace=NAMESPACE)
+                        ray.get(fresh.load.remote(), timeout=10)
+                        self.routers[i] = fresh
                 return True
             except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 time.sleep(0.2)

@@ -117,12 +117,15 @@ class ReplicaPolicy:
     Up: an expert whose rate exceeds `hot_threshold` x its layer's mean (and `min_rate`)
     wants ceil(rate / mean) copies, at most `max_replicas`. Down (hysteresis): an extra copy
     may go once the expert's rate per copy would stay below max(mean, `min_rate`) without
-    it; the supervisor removes it only after that held for its down delay.
+    it and its rate is below `down_fraction` x the hot line (so a rate wobbling around the
+    hot line never adds and removes the same copy); the supervisor removes it only after
+    that held for its down delay.
     """
 
     hot_threshold: float = 2.0
     max_replicas: int = 2
     min_rate: float = 1.0
+    down_fraction: float = 0.75
 
 
 def desired_replicas(rate_E: torch.Tensor, current_E: torch.Tensor, base_E: torch.Tensor,
@@ -136,7 +139,9 @@ def desired_replicas(rate_E: torch.Tensor, current_E: torch.Tensor, base_E: torc
     hot = (rate > policy.hot_threshold * mean) & (rate > policy.min_rate)
     up = torch.ceil(rate / max(mean, 1e-12)).to(torch.int64).clamp(max=max(policy.max_replicas, 1))
     want[hot] = torch.maximum(cur[hot], torch.maximum(up[hot], base[hot]))
-    cool = ~hot & (cur > base) & (rate / (cur - 1).clamp_min(1) < max(mean, policy.min_rate))
+    floor = max(mean, policy.min_rate)
+    cool = ~hot & (cur > base) & (rate / (cur - 1).clamp_min(1) < floor) & \
+        (rate < max(policy.down_fraction * policy.hot_threshold * mean, policy.min_rate))
     want[cool] = cur[cool] - 1
     return want
 

@@ -16,14 +16,29 @@ def all_slots(spec: MoESpec, *, shared_as_slot: bool) -> list[tuple[int, int]]:
     return slots
 
 
-def spread_replicated(slots: Sequence[tuple[int, int]], num_groups: int, replicas: int) -> list[list[tuple[int, int]]]:
-    """Like `spread`, with `replicas` copies of every slot on distinct groups (copy r of slot i -> group (i + r) mod G)."""
+def spread_replicated(slots: Sequence[tuple[int, int]], num_groups: int, replicas: int,
+                      nodes: Sequence[str] | None = None) -> list[list[tuple[int, int]]]:
+    """Like `spread`, with `replicas` copies of every slot on distinct groups.
+
+    Copy r of slot i goes to group (i + r) mod G, or, when `nodes` (the node of each group) puts
+    that group on a node already holding a copy, to the next group round from there on a node
+    without one (losing one node never loses every copy when there are enough nodes).
+    """
     if not 1 <= replicas <= num_groups:
         raise ValueError(f"replicas must be in [1, num_groups={num_groups}], got {replicas}")
+    if nodes is not None and len(nodes) != num_groups:
+        raise ValueError(f"nodes names {len(nodes)} groups, expected {num_groups}")
     groups: list[list[tuple[int, int]]] = [[] for _ in range(num_groups)]
     for i, slot in enumerate(slots):
+        held: list[int] = []
         for r in range(replicas):
-            groups[(i + r) % num_groups].append(slot)
+            ring = [(i + r + k) % num_groups for k in range(num_groups)]
+            free = [g for g in ring if g not in held]
+            used_nodes = {nodes[g] for g in held} if nodes is not None else set()
+            fresh = [g for g in free if nodes is None or nodes[g] not in used_nodes]
+            g = (fresh or free)[0]
+            held.append(g)
+            groups[g].append(slot)
     return groups
 
 

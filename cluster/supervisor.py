@@ -100,7 +100,7 @@ class Supervisor:
         self._cool_since: dict[Slot, float] = {}
         self._want_groups_since: tuple[int, float] | None = None
         self._last_rebalance = 0.0
-        self._shares: list[list[float]] | None = None
+        self._shares: list[list[float]] | None = self.state.get("shares")
         # NOTE: the loop runs on its own thread, started here, so a supervisor that Ray
         # restarts (max_restarts=-1) resumes reconciling without anyone calling it.
         self._stop = threading.Event()
@@ -157,6 +157,7 @@ class Supervisor:
                 shares = replica_shares(self._placement(), self.rates)
                 if changed or self._shares_moved(shares):
                     self._shares = shares
+                    self.state["shares"] = shares
                     self._publish("rebalance")
             self._finish_drains()
             return replaced
@@ -186,10 +187,28 @@ class Supervisor:
         self._save()
         return dead
 
-    def _new_group(self, name: str, slots: Sequence[Slot]) -> Any:
+    def _new_group(self, name: str, slots: Sequence[Slot], avoid_nodes: set[str] = frozenset()) -> Any:  # type: ignore[assignment]
         cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
-        return cls.options(name=name, namespace=self.namespace, **self.group_options).remote(
+        # NOTE: detached: an actor this supervisor makes must outlive it (Ray ends an owned actor with
+        # its owner, and a restarted supervisor is a new process); Deployment.shutdown removes them.
+        options = {**self.group_options, "lifetime": "detached"}
+        node = self._node_without(avoid_nodes) if avoid_nodes else None
+        if node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # soft: a node without room (or gone meanwhile) leaves the choice to Ray
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        return cls.options(name=name, namespace=self.namespace, **options).remote(
             name, self.source, list(slots), **self.group_kwargs)
+
+    def _node_without(self, avoid: set[str]) -> str | None:
+        """A live node outside `avoid` with the fewest of this deployment's groups (None: no such node)."""
+        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= self.group_options.get("num_cpus", 1)]
+        options = [n for n in alive if n not in avoid]
+        if not options:
+            return None
+        mine = collections.Counter(g.node_id for g in self._table.groups) if self._table is not None else collections.Counter()
+        return min(options, key=lambda n: (mine[n], n))
 
     def _replace(self, index: int) -> None:
         old = self.state["groups"][index]
@@ -200,7 +219,14 @@ class Supervisor:
         m = re.match(r"^(.*)-r(\d+)$", old)
         base, gen = (m.group(1), int(m.group(2)) + 1) if m else (old, 1)
         new_name = f"{base}-r{gen}"
-        actor = self._new_group(new_name, self._placement()[index])
+        # NOTE: away from the nodes of groups holding copies of the same slots (and from the dead one's).
+        placement = self._placement()
+        mine = set(placement[index])
+        avoid: set[str] = set()
+        if self._table is not None and len(self._table.groups) == len(placement):
+            avoid = {self._table.groups[g].node_id for g, p in enumerate(placement) if g != index and mine & set(p)}
+            avoid.add(self._table.groups[index].node_id)
+        actor = self._new_group(new_name, placement[index], avoid)
         ray.get(actor.info.remote(), timeout=300)
         self.state["groups"][index] = new_name
         self._handles[new_name] = actor
@@ -218,8 +244,8 @@ class Supervisor:
                     continue
             except ray.exceptions.GetTimeoutError:
                 continue  # busy, not dead
-            except Exception:
-                pass
+            except Exception as e:
+                log.warning("router %s does not answer: %r", rname, e)
             if i >= len(self.router_specs):
                 continue
             self._handles.pop(rname, None)
@@ -237,7 +263,7 @@ class Supervisor:
 
         spec = self.router_specs[index]
         table, handles = self._current_table()
-        router = ray.remote(Router).options(name=rname, namespace=self.namespace, **spec["options"]).remote(
+        router = ray.remote(Router).options(name=rname, namespace=self.namespace, **{**spec["options"], "lifetime": "detached"}).remote(
             table=table, groups=handles, **spec["kwargs"])
         ray.get(router.start.remote(), timeout=120)
         self._handles[rname] = router
@@ -437,7 +463,7 @@ class Supervisor:
             still.append(entry)
         self.state["pending"] = still
         if changed:
-            self._shares = replica_shares(self._placement(), self.rates)
+            self._shares = self.state["shares"] = replica_shares(self._placement(), self.rates)
             self._publish("scale_up")
         self._save()
 
