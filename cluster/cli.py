@@ -22,6 +22,9 @@ from expert_workers.errors import MoEServeError
 from expert_workers.spec import ROUTING_POLICIES, MoESpec, RoutingSpec
 from router_svc.local import LocalMoE
 
+# supervisor events `moe-serve status` prints per deployment (--json has all the routers relay)
+STATUS_EVENTS = 10
+
 DEMO_SPEC = MoESpec(
     hidden_size=256,
     intermediate_size=512,
@@ -108,7 +111,27 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"  {g['name']:<28}{str(g['alive']):>6}{g['device']:>8}{g['slots']:>7}")
             busy = sorted(r["experts"], key=lambda e: -e["tokens_per_s"])[:8]
             print("  busiest experts: " + ", ".join(f"L{e['layer']}E{e['expert']} {e['tokens_per_s']:.0f} tok/s x{e['replicas']}" for e in busy))
+        _print_events(d["status"])
     return 0
+
+
+def _print_events(statuses: list[dict]) -> None:
+    """The supervisor's recent events, once per deployment (every router relays the same ones)."""
+    answered = [r for r in statuses if r.get("supervisor_alive")]
+    if not answered:
+        print("  supervisor: none answered (placement and load above are the routers' own view)")
+        return
+    events = answered[0]["events"][-STATUS_EVENTS:]
+    print(f"  supervisor: alive, {answered[0]['supervisor_restarts']} restarts; last {len(events)} events")
+    for e in events:
+        print("  " + _event_line(e))
+
+
+def _event_line(e: dict) -> str:
+    """`2026-01-02 03:04:05  failover  v7  groups=a replacements=b  recovery 1.25 s`"""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at_unix"]))
+    recovery = f"  recovery {e['recovery_s']:.2f} s" if e["recovery_s"] > 0 else ""
+    return f"{when}  {e['kind']:<20}v{e['version']:<5} {e['detail']}{recovery}"
 
 
 def _down(args: argparse.Namespace) -> int:

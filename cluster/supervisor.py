@@ -251,6 +251,9 @@ class Supervisor:
             self._handles.pop(rname, None)
             t0 = time.monotonic()
             try:
+                if actor is not None:
+                    # NOTE: an actor lost with its node keeps its name until it is killed explicitly.
+                    ray.kill(actor, no_restart=True)
                 self._restart_router(i, rname)
             except Exception as e:
                 log.warning("router %s could not be re-created yet: %s", rname, e)

@@ -139,6 +139,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             experts=[pb.ExpertStatus(**e) for e in st["experts"]],
             groups=[pb.GroupStatus(**g) for g in st["groups"]],
             routers=[pb.RouterStatus(**r) for r in st["routers"]],
+            events=[pb.ControlEvent(**e) for e in st["events"]],
+            supervisor_alive=st["supervisor_alive"], supervisor_restarts=st["supervisor_restarts"],
         )
 
 

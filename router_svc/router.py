@@ -485,24 +485,42 @@ class Router:
         }
 
     async def service_status(self) -> dict[str, Any]:
-        """What the gateway's Status RPC reports: experts (replicas, load), groups (liveness), routers."""
+        """What the gateway's Status RPC reports: experts (copies, where, load), groups (node, device,
+        liveness, load), routers and the supervisor's recent events. Placement and load are the
+        supervisor's (a window over all routers) when it answers, else this router's own: its table
+        and the tokens it routed since it started. Liveness and device: a ping of every group."""
+        from router_svc import status_view
+
+        supervisor = await status_view.ask_supervisor(self.name)
+        # NOTE: one table throughout: update_table may swap it while this awaits the pings.
+        table, handles = self.table, self.groups
         uptime = max(time.monotonic() - self._started, 1e-9)
         experts = []
         for layer in self.spec.moe_layers:
             counts = self.expert_tokens[layer].tolist()
             for e in range(self.spec.num_experts):
-                experts.append({"layer": layer, "expert": e, "replicas": len(self.table.replicas(layer, e)),
-                                "tokens_per_s": counts[e] / uptime})
-        infos = await asyncio.gather(*(asyncio.wait_for(g.info.remote(), 5.0) for g in self.groups), return_exceptions=True)
+                copies = table.replicas(layer, e)
+                experts.append({"layer": layer, "expert": e, "replicas": len(copies),
+                                "groups": [table.groups[g].name for g, _ in copies], "tokens_per_s": counts[e] / uptime})
+        known = {ref.name: handle for ref, handle in zip(table.groups, handles)}
+        probes = await status_view.probe_groups(list(known) + status_view.new_groups(supervisor, known), known)
         groups = []
-        for ref, info, slots in zip(self.table.groups, infos, self.table.placement):
-            alive = isinstance(info, dict)
-            groups.append({"name": ref.name, "node_id": ref.node_id, "alive": alive,
-                           "device": info["device"] if alive else "", "slots": len(slots)})
+        for ref, slots in zip(table.groups, table.placement):
+            info = probes[ref.name]
+            groups.append({"name": ref.name, "node_id": ref.node_id, "alive": info is not None,
+                           "device": "" if info is None else info["device"], "slots": len(slots),
+                           "scaled": False, "tokens_per_s": 0.0})
         routers = [{"name": self.name, "address": self.gateway_address() or "", "transports": list(self.chain),
                     "requests": self.counters["requests"], "batches": self.counters["batches"]}]
-        return {"model": self.spec.family, "routing_table_version": self.table.version, "experts": experts,
-                "groups": groups, "routers": routers}
+        own = {"model": self.spec.family, "routing_table_version": table.version, "experts": experts,
+               "groups": groups, "routers": routers, "events": [], "supervisor_alive": False, "supervisor_restarts": 0}
+        if supervisor is None:
+            return own
+        try:
+            return status_view.supervised_view(own, supervisor, probes)
+        except (KeyError, TypeError, ValueError) as e:  # a supervisor of another shape: this router's view
+            log.warning("supervisor status not understood: %r", e)
+            return own
 
     def load(self) -> dict[str, Any]:
         """What the supervisor observes: tokens routed per (layer, expert) since start, the table

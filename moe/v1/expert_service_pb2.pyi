@@ -75,30 +75,36 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., dropped_tokens: _Optional[int] = ..., rerouted_tokens: _Optional[int] = ..., degraded_tokens: _Optional[_Iterable[int]] = ..., routing_table_version: _Optional[int] = ..., transport: _Optional[str] = ..., stats: _Optional[_Union[RoutingStats, _Mapping]] = ...) -> None: ...
 
 class ExpertStatus(_message.Message):
-    __slots__ = ("layer", "expert", "replicas", "tokens_per_s")
+    __slots__ = ("layer", "expert", "replicas", "tokens_per_s", "groups")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     expert: int
     replicas: int
     tokens_per_s: float
-    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., replicas: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., replicas: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., groups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("name", "node_id", "alive", "device", "slots")
+    __slots__ = ("name", "node_id", "alive", "device", "slots", "scaled", "tokens_per_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SCALED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     node_id: str
     alive: bool
     device: str
     slots: int
-    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., device: _Optional[str] = ..., slots: _Optional[int] = ...) -> None: ...
+    scaled: bool
+    tokens_per_s: float
+    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., alive: _Optional[bool] = ..., device: _Optional[str] = ..., slots: _Optional[int] = ..., scaled: _Optional[bool] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -118,16 +124,36 @@ class RouterStatus(_message.Message):
     batches: int
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ...) -> None: ...
 
+class ControlEvent(_message.Message):
+    __slots__ = ("kind", "at_unix", "version", "detail", "recovery_s")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_S_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    at_unix: float
+    version: int
+    detail: str
+    recovery_s: float
+    def __init__(self, kind: _Optional[str] = ..., at_unix: _Optional[float] = ..., version: _Optional[int] = ..., detail: _Optional[str] = ..., recovery_s: _Optional[float] = ...) -> None: ...
+
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "experts", "groups", "routing_table_version", "routers")
+    __slots__ = ("model", "experts", "groups", "routing_table_version", "routers", "events", "supervisor_alive", "supervisor_restarts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SUPERVISOR_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    SUPERVISOR_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertStatus]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     routing_table_version: int
     routers: _containers.RepeatedCompositeFieldContainer[RouterStatus]
-    def __init__(self, model: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., routing_table_version: _Optional[int] = ..., routers: _Optional[_Iterable[_Union[RouterStatus, _Mapping]]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[ControlEvent]
+    supervisor_alive: bool
+    supervisor_restarts: int
+    def __init__(self, model: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., routing_table_version: _Optional[int] = ..., routers: _Optional[_Iterable[_Union[RouterStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ControlEvent, _Mapping]]] = ..., supervisor_alive: _Optional[bool] = ..., supervisor_restarts: _Optional[int] = ...) -> None: ...

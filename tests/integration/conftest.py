@@ -10,6 +10,7 @@ import ray
 def ray_local():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=16, include_dashboard=False, namespace="moe-serve-tests", _node_ip_address="127.0.0.1")
+    # NOTE: address="local": always a fresh instance, never a cluster another test or process left running.
+    ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="moe-serve-tests", _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()

@@ -234,3 +234,53 @@ def _try_status(dep: Any) -> dict | None:
         return ray.get(dep.supervisor.status.remote(), timeout=5)
     except Exception:
         return None
+
+
+def _requested_bundles() -> list[dict]:
+    """What Ray's autoscaler was last asked for through `request_resources` (autoscaler v1 keeps
+    the request in the GCS KV; v2 in its cluster-resource state)."""
+    import json
+
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2():
+        from ray._raylet import GcsClient
+        from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+        gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+        out: list[dict] = []
+        for c in get_cluster_resource_state(gcs).cluster_resource_constraints:
+            for rb in c.resource_requests:
+                out += [dict(rb.request.resources_bundle)] * rb.count
+        return out
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def test_no_room_for_another_group_asks_rays_autoscaler(ray_local) -> None:
+    """Two 6-CPU groups and a router fill 13 of the 16 CPUs: a third group cannot be placed, so the
+    supervisor asks Ray's autoscaler for room for all three (and keeps serving meanwhile)."""
+    from ray.autoscaler.sdk import request_resources
+
+    dep = deploy({"model": {"random": SPEC, "seed": 11}, "gateway": {"port": 0},
+                  "deployment": {"name": "room", "expert_groups": 2, "max_groups": 3, "group_cpus": 6, "transport": "object_store",
+                                 "target_group_tokens_per_s": 20.0, "scale_up_delay_s": 0.5, "place_timeout_s": 1.0, **FAST}})
+    ref = LocalMoE.from_config(SPEC, seed=11)
+    try:
+        with Traffic(dep, ref, lambda gen: torch.randn(16, 32, generator=gen)) as traffic:
+            st = _wait("a resource request", lambda: (lambda s: s if any(e["kind"] == "resources_requested" for e in s["events"]) else None)(
+                ray.get(dep.supervisor.status.remote())))
+        traffic.check()
+        event = [e for e in st["events"] if e["kind"] == "resources_requested"][-1]
+        assert event["bundles"] == [{"CPU": 6.0}] * 3
+        assert [{k: float(v) for k, v in b.items()} for b in _requested_bundles()] == [{"CPU": 6.0}] * 3
+        assert len(st["groups"]) == 2 and len(st["pending"]) == 1 and st["pending"][0]["requested"]
+    finally:
+        request_resources(bundles=[])
+        dep.shutdown()
+    # the group that never found room is gone too (shutdown removes pending actors as well)
+    _wait("no actor of the deployment", lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True)
+                                                      if a["name"].startswith(dep.name + "-")])

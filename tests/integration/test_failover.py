@@ -136,3 +136,53 @@ def test_supervisor_replaces_a_killed_group_and_wait_loses_nothing(ray_local, re
         assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
     finally:
         dep.shutdown()
+
+
+def _mix(ref: LocalMoE, layer: int, x: torch.Tensor, tokens: list[int], experts: list[int], weights: list[float]) -> torch.Tensor:
+    """sum over assignments (t, e, w) of w * expert_e(x_t), one expert at a time (the reference experts)."""
+    out = torch.zeros_like(x)
+    ex = ref.layer(layer).experts
+    num_e = SPEC["num_experts"]
+    for e in range(num_e):
+        rows = [(t, w) for t, ee, w in zip(tokens, experts, weights) if ee == e]
+        if not rows:
+            continue
+        idx = torch.tensor([t for t, _ in rows])
+        y = ex.forward(x[idx], [len(rows) if i == e else 0 for i in range(num_e)])
+        out.index_add_(0, idx, y * torch.tensor([w for _, w in rows])[:, None])
+    return out
+
+
+def test_no_replica_left_reroutes_to_the_next_best_live_expert(ray_local) -> None:
+    """failover=reroute: an assignment to a dead expert moves, with its weight, to the token's best
+    live expert by gate logit that it does not use yet; those tokens are reported as degraded."""
+    dep, ref = _deploy("foreroute", replicas=1, failover="reroute", supervisor=False)
+    try:
+        layer = 0
+        x = torch.randn(90, 32, generator=torch.Generator().manual_seed(6))
+        dead_group = 1
+        lost = {e for l, e in dep.table.placement[dead_group] if l == layer}
+        ray.kill(dep.groups[dead_group])
+        out = dep.forward_output(x, layer)
+        got = torch.from_numpy(np.array(out.hidden_states))
+        _, report = ref.forward(x, layer, return_routing=True)
+        logits = torch.nn.functional.linear(x.float(), ref.layer(layer).router.weight.float())
+        tokens, experts, weights = report.token_index.tolist(), report.expert.tolist(), report.weight.tolist()
+        used: dict[int, set[int]] = {}
+        for t, e in zip(tokens, experts):
+            used.setdefault(t, set()).add(e)
+        moved = []
+        for i, (t, e) in enumerate(zip(tokens, experts)):
+            if e in lost:
+                ranked = [c for c in torch.argsort(logits[t], descending=True).tolist() if c not in lost and c not in used[t]]
+                experts[i] = ranked[0]
+                used[t].add(ranked[0])
+                moved.append(t)
+        assert moved, "no token lost an expert: the test would not notice a wrong reroute"
+        assert set(out.degraded_tokens) == set(moved)
+        assert _rel(got, _mix(ref, layer, x, tokens, experts, weights)) < 1e-6
+        # tokens that lost nothing are exactly LocalMoE's
+        keep = torch.tensor([t not in set(moved) for t in range(90)])
+        assert _rel(got[keep], ref.forward(x, layer)[keep]) < 1e-6
+    finally:
+        dep.shutdown()

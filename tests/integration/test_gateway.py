@@ -3,8 +3,9 @@ every bad request gets its status code and the gateway keeps serving; auth, heal
 admission limits, deadlines, disconnects, retries across gateways, Status, and `moe-serve demo`.
 
 One shared deployment (2 expert groups, 2 routers -> 2 gateways, a bearer token) serves most tests;
-small dedicated deployments cover TLS, mutual TLS and a tiny admission queue. The last two tests pin
-library bugs (a gateway port silently shared by two deployments; gateway.host "::1" cannot bind).
+small dedicated deployments cover TLS, mutual TLS, a tiny admission queue, Status after a failover and
+Status without a supervisor. The last two tests pin library bugs (a gateway port silently shared by two
+deployments; gateway.host "::1" cannot bind).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
-from cluster import deploy
+from cluster import NAMESPACE, deploy
 from expert_workers.errors import InvalidRequestError
 from moe.v1 import expert_service_pb2 as pb
 from moe.v1 import expert_service_pb2_grpc as pb_grpc
@@ -467,22 +468,38 @@ def test_reflection_lists_and_describes_the_service(gw) -> None:
 # -- Status --------------------------------------------------------------------------------------
 
 
+def _status_until(stub: pb_grpc.ExpertServiceStub, done, what: str, metadata=AUTH, serve: LocalMoE | None = None) -> pb.StatusResponse:
+    """Status, asked again until done(status) (after a request, when `serve` is given), with a deadline."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        if serve is not None:
+            _assert_serves(stub, serve, metadata=metadata, layer=0, tokens=16)
+        st = stub.Status(pb.StatusRequest(), metadata=metadata, timeout=RPC_TIMEOUT)
+        if done(st):
+            return st
+        assert time.monotonic() < deadline, f"Status never showed {what}: {st}"
+        time.sleep(0.5)
+
+
 def test_status_rpc_reports_experts_groups_and_router(gw, ref) -> None:
     names = {f"{gw.name}-router-{i}" for i in range(2)}
     for address in gw.gateway_addresses:
         with _channel(address) as ch:
             stub = pb_grpc.ExpertServiceStub(ch)
-            _assert_serves(stub, ref, layer=0, tokens=16)
-            st = stub.Status(pb.StatusRequest(), metadata=AUTH, timeout=RPC_TIMEOUT)
+            # the supervisor's load is a window it samples every rebalance period: ask until it saw layer 0 served
+            st = _status_until(stub, lambda st: st.supervisor_alive and sum(e.tokens_per_s for e in st.experts if e.layer == 0) > 0,
+                               "the supervisor's view with layer 0's load", serve=ref)
             assert st.model == gw.spec.family == "random"
             assert st.routing_table_version >= 1
             keys = [(e.layer, e.expert) for e in st.experts]
             assert sorted(keys) == [(layer, e) for layer in MOE_LAYERS for e in range(SPEC["num_experts"])]
             assert len(set(keys)) == len(keys)
             assert all(e.replicas == 1 and e.tokens_per_s >= 0 for e in st.experts)
-            assert sum(e.tokens_per_s for e in st.experts if e.layer == 0) > 0  # this router just served layer 0
             assert len(st.groups) == 2
             assert all(g.alive and g.name.startswith(gw.name) and g.device == "cpu" and g.node_id for g in st.groups)
+            assert not any(g.scaled for g in st.groups)
+            assert all(len(e.groups) == 1 and e.groups[0] in {g.name for g in st.groups} for e in st.experts)
+            assert st.supervisor_restarts == 0 and not any(e.kind == "failover" for e in st.events)
             assert sum(g.slots for g in st.groups) == len(MOE_LAYERS) * SPEC["num_experts"]
             assert len(st.routers) >= 1
             mine = [r for r in st.routers if r.address == address]
@@ -492,6 +509,79 @@ def test_status_rpc_reports_experts_groups_and_router(gw, ref) -> None:
             assert set(mine[0].transports) <= {"rdt", "object_store", "grpc"} and mine[0].transports
     with MoEClient(gw.gateway_addresses, token=TOKEN) as c:
         assert c.status().model == "random"
+
+
+def _router_version(dep) -> int:
+    return int(ray.get(dep.routers[0].status.remote(), timeout=RPC_TIMEOUT)["routing_table_version"])
+
+
+def test_status_shows_the_supervisors_failover(ray_local, ref) -> None:
+    """3 groups, 2 copies of every expert; one group killed: Status shows the failover the supervisor
+    made, the replacement's copies and every group alive again."""
+    dep = _deploy("stfail", deployment={"expert_groups": 3, "replicas": 2, "supervisor": True})
+    try:
+        _wait_serving(dep.gateway_addresses)
+        with _channel(dep.gateway_addresses[0]) as ch:
+            stub = pb_grpc.ExpertServiceStub(ch)
+            before = _status_until(stub, lambda st: st.supervisor_alive, "the supervisor answering")
+            assert not any(e.kind == "failover" for e in before.events)
+            assert all(e.replicas == 2 and len(set(e.groups)) == 2 for e in before.experts)
+
+            victim = ray.get(dep.supervisor.status.remote(), timeout=RPC_TIMEOUT)["groups"][0]
+            killed_at = time.time()
+            ray.kill(ray.get_actor(victim, namespace=NAMESPACE))
+            st = _status_until(stub, lambda st: any(e.kind == "failover" for e in st.events), "a failover event")
+
+            [failover] = [e for e in st.events if e.kind == "failover"]
+            assert failover.recovery_s > 0
+            assert f"groups={victim} " in failover.detail and "replacements=" in failover.detail, failover.detail
+            replacement = failover.detail.split("replacements=")[1].split()[0]
+            assert killed_at - 1.0 <= failover.at_unix <= time.time() + 1.0
+            assert st.supervisor_alive and st.supervisor_restarts == 0
+            names = [g.name for g in st.groups]
+            assert len(names) == 3 and victim not in names and replacement in names, names
+            assert all(g.alive and g.node_id and g.device == "cpu" and g.slots > 0 for g in st.groups), st.groups
+            keys = sorted((e.layer, e.expert) for e in st.experts)
+            assert keys == [(layer, e) for layer in MOE_LAYERS for e in range(SPEC["num_experts"])]
+            for e in st.experts:
+                assert e.replicas == 2 and len(set(e.groups)) == 2 and set(e.groups) <= set(names), e
+            assert st.routing_table_version >= failover.version
+
+            # the version shown is the router's (asked again if a table was published in between)
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                v0 = _router_version(dep)
+                shown = stub.Status(pb.StatusRequest(), timeout=RPC_TIMEOUT).routing_table_version
+                if v0 == _router_version(dep):
+                    assert shown == v0
+                    break
+                assert time.monotonic() < deadline, "the routing table never stayed put"
+            _assert_serves(stub, ref)
+        with MoEClient(dep.gateway_addresses, timeout=RPC_TIMEOUT) as c:
+            via_client = c.status()
+            assert isinstance(via_client, pb.StatusResponse) and any(e.kind == "failover" for e in via_client.events)
+    finally:
+        dep.shutdown()
+
+
+def test_status_without_a_supervisor_is_the_routers_own_view(ray_local, ref) -> None:
+    dep = _deploy("stnosup", deployment={"supervisor": False})
+    try:
+        assert dep.supervisor is None
+        _wait_serving(dep.gateway_addresses)
+        with MoEClient(dep.gateway_addresses, timeout=RPC_TIMEOUT) as c:
+            x = torch.randn(16, D)
+            assert _rel(c.forward(x, 0), ref.forward(x, 0)) < 1e-6
+            st = c.status()
+        assert not st.supervisor_alive and st.supervisor_restarts == 0 and not st.events
+        assert st.routing_table_version == 1
+        group = dep.table.groups[0].name
+        assert [(g.name, g.alive, g.device, g.scaled) for g in st.groups] == [(group, True, "cpu", False)]
+        assert st.groups[0].node_id == dep.table.groups[0].node_id
+        assert all(e.replicas == 1 and list(e.groups) == [group] for e in st.experts)
+        assert sum(e.tokens_per_s for e in st.experts if e.layer == 0) > 0  # this router's own count since start
+    finally:
+        dep.shutdown()
 
 
 # -- concurrency and disconnects -----------------------------------------------------------------
