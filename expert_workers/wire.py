@@ -28,7 +28,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     """A CPU tensor -> (array sharing its memory where possible, dtype name)."""
     name = dtype_name(t.dtype)
-    t = t.detach().to("cpu").contiguous()
+    if t.requires_grad:
+        t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if name == "bfloat16":
         t = t.view(torch.int16)
     return t.numpy(), name

@@ -48,10 +48,22 @@ def apply_capacity(dec: GateDecision, logits_TE: torch.Tensor, spec: RoutingSpec
     t, k = dec.topk_ids_TK.shape
     e = dec.select_scores_TE.shape[1]
     ids_TK, weights_TK = dec.topk_ids_TK, dec.topk_weights_TK
+    capacity = capacity_for(t, spec, e)
+    if capacity is None:
+        # NOTE: dropless keeps every choice, in (token, rank) order as the masked path below would;
+        # a few torch ops instead of a dozen (the router runs them cache-cold between batches).
+        return Assignments(
+            token_N=torch.arange(t, device=ids_TK.device).repeat_interleave(k),
+            expert_N=ids_TK.reshape(-1),
+            weight_N=weights_TK.reshape(-1),
+            probs_TE=dec.probs_TE,
+            logits_TE=logits_TE,
+            dropped=0,
+            rerouted=0,
+        )
     kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
     rerouted_TK = torch.zeros_like(kept_TK)
-    capacity = capacity_for(t, spec, e)
-    if capacity is not None and t > 0:
+    if t > 0:
         ids_P = ids_TK.t().reshape(-1)  # K-major: first choices first
         kept_TK = (_positions(ids_P, e) < capacity).view(k, t).t()
         if spec.overflow == "reroute" and not bool(kept_TK.all()):
