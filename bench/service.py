@@ -433,7 +433,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, moe = build(tmp)
         del model
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
         result["node_ip"] = ray.util.get_node_ip_address()
         try:
             t0 = time.perf_counter()
