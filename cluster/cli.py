@@ -5,6 +5,7 @@
     moe-serve up        deploy onto a running Ray cluster (detached) and print the gateway addresses
     moe-serve status    show deployments: routers, groups, per-expert load
     moe-serve down      remove a deployment's actors
+    moe-serve chaos     load from gRPC clients while groups, routers, the supervisor (and nodes) are killed
     moe-serve bench     run the service benchmark
 """
 
@@ -70,6 +71,25 @@ def _parser() -> argparse.ArgumentParser:
                         description="Shuts the routers' gateways down, then removes every actor of the deployment(s).")
     dn.add_argument("--address", default="auto", help=address_help)
     dn.add_argument("--name", default=None, help="one deployment (default: all recorded)")
+    ch = sub.add_parser("chaos", help="drive gRPC load while killing groups, routers, the supervisor (and nodes); check every answer",
+                        description="Against a running deployment (--name, --config), or, given no --name, one it starts on an "
+                        "embedded Ray with a small model. Prints a report, writes it as JSON, exits 1 if any request failed "
+                        "or any answer was wrong.")
+    ch.add_argument("--address", default=None, help="Ray cluster address (default: an embedded Ray, or 'auto' with --name)")
+    ch.add_argument("--name", default=None, help="a deployment recorded by `moe-serve up` (needs --config)")
+    ch.add_argument("--config", default=None, metavar="FILE", help="that deployment's YAML (the reference model and auth token)")
+    ch.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients (default: 8)")
+    ch.add_argument("--duration", type=float, default=40.0, metavar="SECONDS", help="how long load runs (default: 40)")
+    ch.add_argument("--group-every", type=float, default=6.0, metavar="SECONDS", help="kill a random expert group this often (0: never; default: 6)")
+    ch.add_argument("--router-at", type=float, nargs="*", default=[14.0], metavar="SECONDS", help="kill a router at these times (default: 14)")
+    ch.add_argument("--supervisor-at", type=float, nargs="*", default=[22.0, 24.0], metavar="SECONDS",
+                    help="kill the supervisor at these times (default: 22 24)")
+    ch.add_argument("--node-at", type=float, nargs="*", default=[], metavar="SECONDS", help="kill a node (its raylet) at these times (multi-node only)")
+    ch.add_argument("--quiet", type=float, default=10.0, metavar="SECONDS", help="fault-free time at the end (default: 10)")
+    ch.add_argument("--replicas", type=int, default=2, help="embedded deployment: copies per expert (default: 2)")
+    ch.add_argument("--failover", default="wait", choices=["wait", "reroute", "drop", "fail"], help="embedded deployment: failover policy")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--out", default="chaos-report.json", metavar="FILE", help="JSON report (default: chaos-report.json)")
     bench = sub.add_parser("bench", help="run the service benchmark (bench/service.py) and write bench/RESULTS.md",
                            description="Runs bench/service.py from a source checkout; extra arguments pass through.")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench/service.py (e.g. --quick)")
@@ -142,6 +162,53 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster import chaos
+
+    plan = chaos.ChaosPlan(clients=args.clients, duration_s=args.duration, group_kill_every_s=args.group_every,
+                           router_kill_at_s=tuple(args.router_at), supervisor_kill_at_s=tuple(args.supervisor_at),
+                           node_kill_at_s=tuple(args.node_at), quiet_s=args.quiet, seed=args.seed)
+    dep = None
+    if args.name is None:
+        from cluster import deploy
+
+        cfg = chaos.embedded_config(replicas=args.replicas, failover=args.failover, seed=args.seed)
+        print(f"starting an embedded deployment ({cfg['deployment']['expert_groups']} groups, "
+              f"{cfg['deployment']['routers']} routers, {args.replicas} copies per expert, failover {args.failover}) ...", flush=True)
+        dep = deploy(cfg, address=args.address)
+        target = chaos.Target(dep.name, dep.gateway_addresses, LocalMoE.from_config(chaos.SMALL_MODEL, seed=args.seed))
+    else:
+        from cluster import ops, registry
+        from cluster.config import load_config
+        from expert_workers.source import open_source
+
+        if args.config is None:
+            raise LookupError("--name needs --config (the deployment's YAML: the reference model and token)")
+        cfg = load_config(args.config)
+        ops.connect(args.address or "auto")
+        entry = registry.lookup(args.name)
+        if entry is None:
+            raise LookupError(f"no deployment named {args.name!r} recorded on this cluster")
+        src = open_source(cfg.model.source())
+        ref = LocalMoE(src, routing=cfg.routing_spec(src.spec.routing))
+        target = chaos.Target(args.name, list(entry["gateways"]), ref, token=cfg.auth.token, tls=ops._client_tls(cfg))
+    try:
+        print(f"load: {plan.clients} clients for {plan.duration_s:g} s; faults: "
+              + (", ".join(f"{k}@{t:g}s" for t, k in plan.schedule()) or "none"), flush=True)
+        report = chaos.run_chaos(target, plan, progress=lambda m: print(m, flush=True))
+    finally:
+        if dep is not None:
+            dep.shutdown()
+            if ray.is_initialized():
+                ray.shutdown()
+    print(report.table())
+    chaos.write_report(report, args.out)
+    print(f"wrote {args.out}")
+    return 0 if report.ok else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     import pathlib
     import runpy
@@ -202,7 +269,7 @@ def _demo_distributed(args: argparse.Namespace, base: LocalMoE, x: torch.Tensor)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"demo": _demo, "up": _up, "status": _status, "down": _down, "bench": _bench}
+    commands = {"demo": _demo, "up": _up, "status": _status, "down": _down, "chaos": _chaos, "bench": _bench}
     try:
         return commands[args.command](args)
     except (MoEServeError, LookupError, TimeoutError, ConnectionError) as e:

@@ -437,7 +437,7 @@ class Supervisor:
         if not self.state["pending"]:
             return
         still = []
-        changed = False
+        changed = placed_after_request = False
         for entry in self.state["pending"]:
             name = entry["group"]
             actor = self._actor(name)
@@ -452,6 +452,7 @@ class Supervisor:
                     self._handles.pop(name, None)
                     continue
                 self._fill_new_group(name)
+                placed_after_request = placed_after_request or entry["requested"]
                 self._event("group_added", group=name, waited_s=time.time() - entry["since"],
                             groups=len(self.state["groups"]))
                 changed = True
@@ -465,6 +466,10 @@ class Supervisor:
                 self._event("resources_requested", group=name, bundles=bundles)
             still.append(entry)
         self.state["pending"] = still
+        if placed_after_request and not any(e["requested"] for e in self.state["pending"]):
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])  # placed: the groups hold their resources; withdraw the floor
         if changed:
             self._shares = self.state["shares"] = replica_shares(self._placement(), self.rates)
             self._publish("scale_up")
@@ -484,7 +489,9 @@ class Supervisor:
         copies: dict[Slot, int] = collections.Counter(s for p in placement for s in p)
         ranked = sorted((s for s in copies if s[1] != SHARED),
                         key=lambda s: (-self.rates.get(s, 0.0) / copies[s], copies[s], s))
-        slots = ranked[:size]
+        # within max_replicas where that leaves enough slots; else the heaviest regardless (the group must carry load)
+        capped = [s for s in ranked if copies[s] < self.policy.max_replicas]
+        slots = (capped if len(capped) >= size else ranked)[:size]
         ray.get(self._actor(name).set_slots.remote(slots), timeout=300)
         self.state["groups"].append(name)
         self.state["placement"].append([list(s) for s in slots])

@@ -6,6 +6,7 @@ bfloat16, which numpy lacks, travels as its int16 bit pattern with the name "bfl
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -63,7 +64,8 @@ def from_bytes(data: bytes | memoryview, name: str, shape: tuple[int, ...] | lis
     if any(s < 0 for s in shape):
         raise InvalidRequestError(field="shape", problem=f"negative dimension in {shape}")
     np_dtype = _NUMPY[name]
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    # NOTE: exact integer product: np.prod wraps at 2^63, and a wrapped count can match the data length.
+    expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidRequestError(field="data", problem=f"{len(data)} bytes for shape {list(shape)} of {name} ({expected} expected)")
     arr = np.frombuffer(data, dtype=np_dtype).reshape(shape)

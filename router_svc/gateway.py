@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message_factory
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -67,7 +69,12 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=lambda b: b, response_serializer=lambda b: b)
 
 
-def _tensor_in(t: pb.Tensor, field: str) -> Any:
+def _tensor_in(t: pb.Tensor, field: str, max_tokens: int) -> Any:
+    """A wire tensor -> torch tensor sharing the request's bytes.
+
+    Its form (rank, dimensions, dtype) is checked before the token limit, so a malformed
+    request is INVALID_ARGUMENT and never told to come back later (RESOURCE_EXHAUSTED).
+    """
     shape = list(t.shape)
     if len(shape) not in (2, 3):
         raise InvalidRequestError(field=f"{field}.shape", problem=f"rank {len(shape)} {shape}; expected [tokens, hidden] or [batch, seq, hidden]")
@@ -75,14 +82,10 @@ def _tensor_in(t: pb.Tensor, field: str) -> Any:
         raise InvalidRequestError(field=f"{field}.shape", problem=f"dimensions must be in [0, 2^31): {shape}")
     if t.dtype not in wire.DTYPES:
         raise InvalidRequestError(field=f"{field}.dtype", problem=f"unknown dtype {t.dtype!r}; expected one of {sorted(wire.DTYPES)}")
+    tokens = math.prod(shape[:-1])
+    if tokens > max_tokens:
+        raise BackPressureError(limit="tokens per request", value=tokens, maximum=max_tokens)
     return wire.from_bytes(t.data, t.dtype, shape)
-
-
-def _tokens(t: pb.Tensor) -> int:
-    n = 1
-    for d in list(t.shape)[:-1]:
-        n *= max(int(d), 0)
-    return n
 
 
 def _response(out: "ForwardOutput") -> pb.ForwardResponse:
@@ -110,11 +113,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         try:
-            tokens = _tokens(request.hidden_states)
-            limit = self.router.config.max_tokens_per_request
-            if tokens > limit:
-                raise BackPressureError(limit="tokens per request", value=tokens, maximum=limit)
-            x = _tensor_in(request.hidden_states, "hidden_states")
+            x = _tensor_in(request.hidden_states, "hidden_states", self.router.config.max_tokens_per_request)
             ids = list(request.token_ids) if len(request.token_ids) else None
             call = self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id)
             remaining = context.time_remaining()
@@ -144,6 +143,37 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
 
 
+def _add_servicer(servicer: ExpertServicer, server: grpc.aio.Server) -> None:
+    """Register every method of the service, each parsing its own request.
+
+    NOTE: registered the generated way, gRPC parses the request before any servicer code runs,
+    and a body that is not a valid protobuf message (corrupt wire format, bad UTF-8 in a string)
+    ends as UNKNOWN "Exception deserializing request"; parsed here it is INVALID_ARGUMENT.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["ExpertService"].methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(request_cls, getattr(servicer, method.name)), response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _parsing(request_cls: Any, method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A servicer method taking a message -> a handler taking the raw request bytes."""
+
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = request_cls.FromString(raw)
+        except DecodeError as e:
+            err = InvalidRequestError(field="request", problem=f"not a valid {request_cls.DESCRIPTOR.full_name} message: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return await method(request, context)
+
+    return handler
+
+
 async def _abort_exhausted(context: grpc.aio.ServicerContext, e: BackPressureError) -> None:
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.QuotaFailure(violations=[
@@ -163,7 +193,7 @@ class Gateway:
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(interceptors=interceptors, options=opts)
-        pb_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(router), self.server)
+        _add_servicer(ExpertServicer(router), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

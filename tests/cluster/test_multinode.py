@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import ray
 import torch
-import ray._private.ray_constants as ray_constants
-from ray.cluster_utils import Cluster
 
 from cluster import deploy
 from router_svc import LocalMoE
+from tests.helpers.ray_cluster import local_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 SPEC = dict(hidden_size=32, intermediate_size=48, num_experts=6, num_layers=2, moe_layers=[0, 1],
@@ -31,25 +30,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    if ray.is_initialized():
-        ray.shutdown()
-    # NOTE: with node_ip_address=127.0.0.1 the GCS listens on loopback only, but a driver connecting by
-    # address swaps a loopback host for the machine's routable IP unless Ray is told this is a
-    # one-machine cluster (the switch Ray itself uses on macOS and Windows).
-    patch = pytest.MonkeyPatch()
-    patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    patch.delenv("RAY_ADDRESS", raising=False)
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1") for _ in range(3)]
-    try:
-        ray.init(address=cluster.address, namespace="moe-serve-tests")
-        cluster.wait_for_nodes()
+    with local_cluster(workers=3, cpus_per_worker=3) as (cluster, workers):
         yield cluster, workers
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        patch.undo()
 
 
 def _live_nodes() -> set[str]:
