@@ -90,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--failover", default="wait", choices=["wait", "reroute", "drop", "fail"], help="embedded deployment: failover policy")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--out", default="chaos-report.json", metavar="FILE", help="JSON report (default: chaos-report.json)")
+    rp = sub.add_parser("report", help="plot where tokens go: per-expert heatmaps, replicas, latency, co-activation, specialisation",
+                        description="Drives a skewed workload (Zipf token ids) through the gateways while sampling the routers' "
+                        "counters and the supervisor every --period; writes PNG plots, specialisation.json and report.json to --out. "
+                        "Against a running deployment (--name, --config), or, given no --name, a small one on an embedded Ray.")
+    rp.add_argument("--out", required=True, metavar="DIR", help="directory for the plots and JSON")
+    rp.add_argument("--address", default=None, help="Ray cluster address (default: an embedded Ray, or 'auto' with --name)")
+    rp.add_argument("--name", default=None, help="a deployment recorded by `moe-serve up` (needs --config)")
+    rp.add_argument("--config", default=None, metavar="FILE", help="that deployment's YAML (gate weights for the workload, auth token)")
+    rp.add_argument("--seconds", type=float, default=20.0, help="how long the workload runs and is sampled (default: 20)")
+    rp.add_argument("--period", type=float, default=1.0, metavar="SECONDS", help="sampling period (default: 1)")
+    rp.add_argument("--clients", type=int, default=4, help="concurrent gRPC clients (default: 4)")
+    rp.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the token ids; 0 is uniform (default: 1.2)")
+    rp.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="run the service benchmark (bench/service.py) and write bench/RESULTS.md",
                            description="Runs bench/service.py from a source checkout; extra arguments pass through.")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for bench/service.py (e.g. --quick)")
@@ -209,6 +222,34 @@ def _chaos(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    from cluster import report
+
+    if args.seconds <= 0 or args.period <= 0 or args.clients < 1:
+        raise SystemExit("moe-serve report: --seconds and --period must be > 0, --clients >= 1")
+    if args.name is None:
+        print("starting an embedded deployment (small model, 1 copy per expert, up to 3 for hot experts) ...", flush=True)
+        target = report.embedded(seed=args.seed, address=args.address)
+    elif args.config is None:
+        raise LookupError("--name needs --config (the deployment's YAML: gate weights and auth token)")
+    else:
+        target = report.attach(args.name, args.config, args.address or "auto")
+    workload = report.WorkloadSpec(clients=args.clients, skew=args.skew, seed=args.seed)
+    print(f"deployment {target.name}: {args.clients} clients, Zipf {args.skew:g} token ids, {args.seconds:g} s, "
+          f"a sample every {args.period:g} s", flush=True)
+    try:
+        summary, counts = report.run(target, args.out, seconds=args.seconds, period=args.period, workload=workload,
+                                     progress=lambda m: print(m, flush=True))
+    finally:
+        target.close()
+    print(report.table(summary))
+    if counts.errors:
+        print(f"{len(counts.errors)} requests failed, e.g. {counts.errors[0]}")
+    for path in summary["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import pathlib
     import runpy
@@ -269,7 +310,7 @@ def _demo_distributed(args: argparse.Namespace, base: LocalMoE, x: torch.Tensor)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"demo": _demo, "up": _up, "status": _status, "down": _down, "chaos": _chaos, "bench": _bench}
+    commands = {"demo": _demo, "up": _up, "status": _status, "down": _down, "chaos": _chaos, "report": _report, "bench": _bench}
     try:
         return commands[args.command](args)
     except (MoEServeError, LookupError, TimeoutError, ConnectionError) as e:

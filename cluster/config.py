@@ -12,6 +12,8 @@
                  max_tokens_per_request, max_queued_tokens
     auth:        token (default: the MOE_SERVE_TOKEN environment variable)
     tls:         cert, key, client_ca (client_ca turns on mutual TLS)
+    telemetry:   prometheus_port (router i: port + i; 0 any free; null off), prometheus_host,
+                 otlp_endpoint, trace_sample_rate, trace_dir, window_s
 
 Errors name the field, the value and what was expected.
 """
@@ -29,6 +31,7 @@ from expert_workers.errors import ConfigError
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec, RoutingSpec
 from router_svc.config import FAILOVER_POLICIES, SHARED_PLACEMENTS, TRANSPORT_MODES
+from router_svc.telemetry import TelemetryConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -242,6 +245,7 @@ class ServiceConfig:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         # NOTE: secure by default: a gateway reachable beyond this machine must demand a token.
@@ -282,7 +286,7 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConf
             raise ConfigError(field="config", value=os.fspath(config), expected=f"a readable YAML file ({e.strerror})") from None
     if not isinstance(config, Mapping):
         raise ConfigError(field="config", value=config, expected="a mapping with 'model', 'routing', 'deployment'")
-    sections = ("model", "routing", "deployment", "gateway", "auth", "tls")
+    sections = ("model", "routing", "deployment", "gateway", "auth", "tls", "telemetry")
     for key in config:
         if key not in sections:
             raise ConfigError(field=str(key), value=config[key], expected=f"one of the sections {sections}")
@@ -296,8 +300,9 @@ def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConf
     auth = dict(_section(AuthSettings, config.get("auth"), "auth"))
     auth.setdefault("token", os.environ.get("MOE_SERVE_TOKEN") or None)
     tls = TLSSettings(**_section(TLSSettings, config.get("tls"), "tls"))
+    telemetry = TelemetryConfig(**_section(TelemetryConfig, config.get("telemetry"), "telemetry"))
     cfg = ServiceConfig(model=model, routing=routing, deployment=deployment, gateway=gateway,
-                        auth=AuthSettings(**auth), tls=tls)
+                        auth=AuthSettings(**auth), tls=tls, telemetry=telemetry)
     if model.random is not None and routing:
         dataclasses.replace(model.random, routing=cfg.routing_spec(model.random.routing))  # validates now
     return cfg

@@ -111,7 +111,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
                 opts["num_gpus"] = d.group_gpus
             groups.append(group_cls.options(**opts).remote(
                 f"{name}-group-{i}", source, [], device=device, dtype=cfg.model.dtype,
-                num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
+                num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host, telemetry=cfg.telemetry,
             ))
         infos = _placed([g.info.remote() for g in groups], "expert groups", d.expert_groups * d.group_cpus)
         # NOTE: slots are dealt once Ray placed the groups, so copies of one expert go to groups
@@ -130,7 +130,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
         for i in range(d.routers):
             spec_i = {"options": dict(num_cpus=d.router_cpus, max_concurrency=1000, lifetime="detached" if detached else None),
                       "kwargs": dict(name=f"{name}-router-{i}", source=source, routing=routing, config=replace(dp, rdt_owner=i == 0),
-                                     namespace=NAMESPACE, gateway=_gateway_config(cfg, i))}
+                                     namespace=NAMESPACE, gateway=_gateway_config(cfg, i), telemetry=cfg.telemetry, index=i)}
             router_specs.append(spec_i)
             routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, **spec_i["options"]).remote(
                 table=table, groups=groups, **spec_i["kwargs"]))
@@ -138,7 +138,8 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
         supervisor = None
         if d.supervisor:
             group_opts = {k: v for k, v in opts.items() if k not in ("name", "namespace")}
-            group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host)
+            group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
+                                telemetry=cfg.telemetry)
             sup_opts: dict[str, Any] = dict(name=f"{name}-supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
             if detached:
                 sup_opts["lifetime"] = "detached"
@@ -154,6 +155,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
     dep = Deployment(name=name, spec=spec, config=cfg, groups=groups, routers=routers, table=table, device=device)
     dep.supervisor = supervisor
     dep.gateway_addresses = [s["gateway"] for s in started if s.get("gateway")]
+    dep.metrics_addresses = [s["metrics"] for s in started if s.get("metrics")]
     return dep
 
 
@@ -182,6 +184,7 @@ class Deployment:
         # True when deploy() started an embedded Ray for this deployment; shutdown() then stops it.
         self.started_ray = False
         self.gateway_addresses: list[str] = []
+        self.metrics_addresses: list[str] = []
         self.supervisor: Any = None
 
     def submit(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,

@@ -167,11 +167,15 @@ class ExpertGroup:
         dtype: str = "float32",
         num_threads: int = 1,
         grpc_host: str = "127.0.0.1",
+        telemetry: Any = None,
     ) -> None:
         if device == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
         self.name = name
         self.core = GroupCore(source, slots, device=device, dtype=dtype)
+        from expert_workers.telemetry import make_tracer
+
+        self.tracer = make_tracer(telemetry, name)
         self._server, port = data_grpc.serve(self._grpc_forward, host=grpc_host)
         self.grpc_address = f"{grpc_host}:{port}"
 
@@ -203,10 +207,17 @@ class ExpertGroup:
     def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
-    def forward(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray, dtype: str) -> np.ndarray:
+    def forward(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray, dtype: str, trace: str = "") -> np.ndarray:
         """Object-store path: numpy in (zero-copy read), numpy out."""
-        y = self.core.compute(layer, experts, counts, wire.from_numpy(x, dtype))
+        with self._span(trace, layer, x.shape[0]):
+            y = self.core.compute(layer, experts, counts, wire.from_numpy(x, dtype))
         return wire.to_numpy(y)[0]
+
+    def _span(self, trace: str, layer: int, rows: int) -> Any:
+        from expert_workers.telemetry import Span
+
+        return Span(self.tracer if trace else None, "moe.group.compute", parent=trace,
+                    attributes={"moe.group": self.name, "moe.layer": int(layer), "moe.rows": int(rows)})
 
     @ray.method(tensor_transport="gloo")
     def forward_gloo(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +235,8 @@ class ExpertGroup:
         except KeyError as e:
             raise InvalidRequestError(field="header", problem=f"missing key {e}") from None
         x = wire.from_bytes(payload, dtype, shape)
-        y = self.core.compute(int(layer), list(experts), list(counts), x)
+        with self._span(str(header.get("traceparent") or ""), int(layer), x.shape[0] if x.dim() else 0):
+            y = self.core.compute(int(layer), list(experts), list(counts), x)
         data, name, shape = wire.to_bytes(y)
         return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", [])}, data
 

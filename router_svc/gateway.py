@@ -115,7 +115,9 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         try:
             x = _tensor_in(request.hidden_states, "hidden_states", self.router.config.max_tokens_per_request)
             ids = list(request.token_ids) if len(request.token_ids) else None
-            call = self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id)
+            traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
+            call = self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
+                                              traceparent=traceparent)
             remaining = context.time_remaining()
             out = await (asyncio.wait_for(call, timeout=remaining) if remaining is not None else call)
             return _response(out)

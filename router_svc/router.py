@@ -12,6 +12,7 @@ depends on what it was batched with.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import statistics
 import time
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from expert_workers import wire
-from expert_workers.errors import BackPressureError, ExpertUnavailableError
+from expert_workers.errors import BackPressureError, ConfigError, ExpertUnavailableError, InvalidRequestError
 from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RouterWeights, SharedWeights
@@ -33,6 +34,8 @@ from router_svc.dispatch import plan_rows
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
 from router_svc.local import shared_forward
 from router_svc.table import RoutingTable, layer_orders
+from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, make_tracer
+from router_svc.usage import Usage
 from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, Part, RdtTransport, Transport, TransportError
 
 if TYPE_CHECKING:
@@ -130,6 +133,12 @@ class _Pending:
     return_routing: bool
     request_id: str
     future: asyncio.Future = field(repr=False)
+    t_enq: float = field(default_factory=time.perf_counter)
+    trace: str = ""
+
+
+# the request span's traceparent, set by forward_tensor for the _Pending it enqueues
+_REQUEST_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("moe_request_trace", default="")
 
 
 class Router:
@@ -145,8 +154,11 @@ class Router:
         config: DataPlaneConfig,
         namespace: str | None = None,
         gateway: "GatewayConfig | None" = None,
+        telemetry: TelemetryConfig | None = None,
+        index: int = 0,
     ) -> None:
         self.name = name
+        self.telemetry = telemetry
         self.config = config
         self.gateway_config = gateway
         self.gateway: Any = None
@@ -189,6 +201,11 @@ class Router:
         self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "peak_in_flight": 0}
         self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
+        self.usage = Usage(list(self.spec.moe_layers), self.spec.num_experts)
+        self.tracer = make_tracer(telemetry, name)
+        self.metrics: RouterMetrics | None = None
+        if telemetry is not None and (telemetry.prometheus_port is not None or telemetry.otlp_endpoint):
+            self.metrics = RouterMetrics(telemetry, name, index, self._metric_state, layers=list(self.spec.moe_layers))
 
     def _chain_for(self, mode: str) -> tuple[str, ...]:
         chain = FALLBACKS[mode]
@@ -210,7 +227,8 @@ class Router:
             await self.gateway.start()
         self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
         return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms),
-                "gateway": None if self.gateway is None else self.gateway.address}
+                "gateway": None if self.gateway is None else self.gateway.address,
+                "metrics": None if self.metrics is None or not self.metrics.address else self.metrics.address}
 
     def _all_slots_live(self) -> bool:
         """Every slot of every MoE layer has at least one live replica."""
@@ -222,8 +240,17 @@ class Router:
         return True
 
     async def _watch_health(self, period_s: float = 1.0) -> None:
-        """SERVING while every expert group answers a ping within the period."""
+        """SERVING while every expert group answers a ping within the period. With metrics on, the
+        supervisor's events are counted every few periods."""
+        tick = 0
         while True:
+            tick += 1
+            if self.metrics is not None and tick % 5 == 0:
+                from router_svc.status_view import ask_supervisor
+
+                st = await ask_supervisor(self.name)
+                if st is not None:
+                    self.metrics.note_events(list(st.get("events", [])))
             try:
                 pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in self.groups]
                 results = await asyncio.gather(*pings, return_exceptions=True)
@@ -268,6 +295,8 @@ class Router:
             await self.gateway.stop()
         for t in self.transports.values():
             await t.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
 
     def gateway_address(self) -> str | None:
         return None if self.gateway is None else self.gateway.address
@@ -280,6 +309,39 @@ class Router:
         return await self.forward_tensor(t, layer, token_ids, return_routing, request_id)
 
     async def forward_tensor(
+        self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = "",
+        traceparent: str = "",
+    ) -> ForwardOutput:
+        """One request: a span (child of `traceparent` when given), admission, its batch; counted by status."""
+        t0 = time.perf_counter()
+        status = "OK"
+        with Span(self.tracer, "moe.router.request", parent=traceparent, attributes={"moe.layer": int(layer) if isinstance(layer, int) else -1,
+                                                                                      "moe.request_id": request_id}) as span:
+            token = _REQUEST_TRACE.set(span.traceparent)
+            try:
+                return await self._admit(t, layer, token_ids, return_routing, request_id)
+            except BackPressureError:
+                status = "RESOURCE_EXHAUSTED"
+                raise
+            except (InvalidRequestError, ConfigError):
+                status = "INVALID_ARGUMENT"
+                raise
+            except ExpertUnavailableError:
+                status = "UNAVAILABLE"
+                raise
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except Exception:
+                status = "INTERNAL"
+                raise
+            finally:
+                _REQUEST_TRACE.reset(token)
+                if self.metrics is not None:
+                    self.metrics.requests.add(1, {"router": self.name, "status": status})
+                    self.metrics.stage.record(time.perf_counter() - t0, {"router": self.name, "stage": "total"})
+
+    async def _admit(
         self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
     ) -> ForwardOutput:
         """Admit one request (limits, shape, dtype, layer, values, token ids) and await its batch."""
@@ -305,6 +367,7 @@ class Router:
         """Queue a request. A batch of its layer leaves when it is full; at once when none of its
         layer is in flight (an idle router adds no wait); `batch_max_wait_us` after its first
         request while fewer than `batch_max_in_flight` are; else when one in flight finishes."""
+        p.trace = p.trace or _REQUEST_TRACE.get()
         self._queues.setdefault(layer, []).append(p)
         self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
         in_flight = self._in_flight.get(layer, 0)
@@ -335,9 +398,18 @@ class Router:
             self._flush(layer)
 
     async def _run_batch(self, layer: int, reqs: list[_Pending]) -> None:
+        traces = [r.trace for r in reqs if r.trace]
+        with Span(self.tracer, "moe.router.batch", parent=traces[0] if traces else "", links=traces[1:],
+                  attributes={"moe.layer": layer, "moe.requests": len(reqs)}) as span:
+            await self._run_batch_in(layer, reqs, span.traceparent)
+
+    async def _run_batch_in(self, layer: int, reqs: list[_Pending], trace: str) -> None:
+        m = self.metrics
         try:
+            t_start = time.perf_counter()
             assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
             x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
+            t_gate = time.perf_counter()
             waited_until = time.monotonic() + self.config.failover_wait_s
             for _ in range(len(self.groups) + 8):
                 try:
@@ -355,19 +427,23 @@ class Router:
                     continue
                 self._planned[version] = self._planned.get(version, 0) + 1
                 try:
-                    y_ND, used = await self._dispatch(batch)
+                    with Span(self.tracer, "moe.router.dispatch", parent=trace, attributes={"moe.groups": len({p.group for p in batch.parts})}) as ds:
+                        y_ND, used = await self._dispatch(replace(batch, trace=ds.traceparent or trace))
                     break
                 except GroupsDown as e:
                     # NOTE: retry at once on the other replicas; the health watch revives a group that answers again.
                     log.warning("expert groups %s down; planning around them", list(e.groups))
                     self.dead.update(e.groups)
                     self.counters["failovers"] = self.counters.get("failovers", 0) + 1
+                    if m is not None:
+                        m.failovers.add(1, {"router": self.name})
                 finally:
                     self._planned[version] -= 1
                     if not self._planned[version]:
                         del self._planned[version]
             else:
                 raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group")
+            t_dispatched = time.perf_counter()
             out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
             if layer in self.shared:
                 out_TD += shared_forward(x_all, self.shared[layer], self.spec)
@@ -376,16 +452,52 @@ class Router:
             by[used] = by.get(used, 0) + 1
             for i, (r, a) in enumerate(zip(reqs, assignments)):
                 self.expert_tokens[layer] += torch.bincount(a.expert_N, minlength=self.spec.num_experts)
+                self.usage.record(layer, a, r.token_ids)
                 out = out_TD[offsets[i] : offsets[i + 1]]
                 mine = tuple(t - offsets[i] for t in degraded if offsets[i] <= t < offsets[i + 1])
                 if not r.future.done():
                     r.future.set_result(self._answer(r, out, a, used, len(reqs), mine))
+            if m is not None:
+                self._record_batch(m, layer, reqs, assignments, degraded, used, t_start, t_gate, t_dispatched)
         except Exception as e:
             for r in reqs:
                 if not r.future.done():
                     r.future.set_exception(e)
         finally:
             self._batch_done(layer)
+
+    def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[_Pending], assignments: list[Assignments],
+                      degraded: list[int], used: str, t_start: float, t_gate: float, t_dispatched: float) -> None:
+        r_ = {"router": self.name}
+        now = time.perf_counter()
+        for r in reqs:
+            m.stage.record(t_start - r.t_enq, {**r_, "stage": "queue"})
+        m.stage.record(t_gate - t_start, {**r_, "stage": "gate"})
+        m.stage.record(t_dispatched - t_gate, {**r_, "stage": "dispatch"})
+        m.stage.record(now - t_dispatched, {**r_, "stage": "combine"})
+        m.batch_requests.record(len(reqs), r_)
+        m.batch_tokens.record(sum(int(r.x_TD.shape[0]) for r in reqs), r_)
+        m.batches.add(1, {**r_, "transport": used})
+        counts = torch.zeros(self.spec.num_experts, dtype=torch.int64)
+        for a in assignments:
+            counts += torch.bincount(a.expert_N, minlength=self.spec.num_experts)
+            if a.dropped:
+                m.dropped.add(int(a.dropped), {**r_, "layer": str(layer)})
+            if a.rerouted:
+                m.rerouted.add(int(a.rerouted), {**r_, "layer": str(layer)})
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                m.tokens.add(n, {**r_, "layer": str(layer), "expert": str(e), "outcome": "routed"})
+        if degraded:
+            m.tokens.add(len(degraded), {**r_, "layer": str(layer), "expert": "*", "outcome": "degraded"})
+
+    def _metric_state(self) -> dict[str, Any]:
+        """What the scrape-time gauges read (called on the exporter's thread: plain reads only)."""
+        table, dead = self.table, frozenset(self.dead)
+        replicas = {str(l): table.lookup_alive(l, dead)[2][: self.spec.num_experts].tolist() for l in self.spec.moe_layers}
+        usage = {str(l): (self.usage.tokens[l].tolist(), self.usage.prob_sums[l].tolist(), self.usage.seen[l]) for l in self.spec.moe_layers}
+        return {"replicas": replicas, "groups": len(table.groups), "groups_alive": len(table.groups) - len(dead),
+                "version": table.version, "usage": usage}
 
     def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
         gate = self.gates[layer]
@@ -473,6 +585,7 @@ class Router:
         rdt = self.transports.get("rdt")
         return {
             "name": self.name,
+            "metrics_address": None if self.metrics is None else self.metrics.address,
             "chain": list(self.chain),
             "measured_ms": dict(self.measured_ms),
             "routing_table_version": self.table.version,
@@ -522,12 +635,18 @@ class Router:
             log.warning("supervisor status not understood: %r", e)
             return own
 
-    def load(self) -> dict[str, Any]:
+    def load(self, detail: bool = False) -> dict[str, Any]:
         """What the supervisor observes: tokens routed per (layer, expert) since start, the table
-        version in use and the oldest version a batch in flight was planned with."""
-        return {"name": self.name, "at": time.time(), "version": self.table.version,
-                "oldest_in_flight": min(self._planned, default=self.table.version),
-                "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers}}
+        version in use and the oldest version a batch in flight was planned with. `detail` adds
+        co-activation matrices and each expert's most frequent token ids (reports)."""
+        out = {"name": self.name, "at": time.time(), "version": self.table.version,
+               "oldest_in_flight": min(self._planned, default=self.table.version),
+               "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers}}
+        if detail:
+            snap = self.usage.snapshot()
+            out.update(coactivation=snap["coactivation"], top_token_ids=snap["top_token_ids"],
+                       replicas={int(l): [len(self.table.replicas(l, e)) for e in range(self.spec.num_experts)] for l in self.spec.moe_layers})
+        return out
 
     async def update_table(self, table: RoutingTable, groups: Sequence[Any]) -> int:
         """Adopt a newer routing table atomically (batches planned after this call use it)."""

@@ -31,6 +31,8 @@ class Batch:
     x_ND: torch.Tensor
     parts: tuple[Part, ...]
     request_ids: tuple[str, ...] = ()
+    # W3C traceparent of the dispatch span ('' when not traced); groups parent their compute span on it
+    trace: str = ""
 
 
 class TransportError(MoEServeError):

@@ -29,7 +29,7 @@ class GrpcTransport(Transport):
         p = batch.parts[part_index]
         data, name, shape = wire.to_bytes(batch.x_ND[p.start : p.end])
         header = {"layer": batch.layer, "experts": list(p.experts), "counts": list(p.counts), "dtype": name,
-                  "shape": list(shape), "request_ids": list(batch.request_ids)}
+                  "shape": list(shape), "request_ids": list(batch.request_ids), "traceparent": batch.trace}
         try:
             reply = await self._stub(self.addresses[p.group])(data_grpc.encode_frame(header, data))
         except grpc.aio.AioRpcError as e:

@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
 from cluster import deploy
@@ -50,7 +50,6 @@ MAX_TOKENS = 64  # gateway.max_tokens_per_request: small, so over-limit requests
 CALL_TIMEOUT = 10.0  # seconds per call; DEADLINE_EXCEEDED fails the case
 READY_TIMEOUT = 300.0
 RSS_GROWTH_LIMIT = 200 << 20
-FORWARD = "/moe.v1.ExpertService/Forward"
 # cases per @given test; together >= 1,000
 VALID_CASES, MALFORMED_CASES, RAW_CASES = 250, 550, 300
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -142,7 +141,7 @@ class Target:
 
     address: str
     stub: pb_grpc.ExpertServiceStub = field(repr=False)
-    raw: grpc.UnaryUnaryMultiCallable = field(repr=False)  # bytes in, bytes out
+    channel: grpc.Channel = field(repr=False)
     router: "ray.actor.ActorHandle" = field(repr=False)
     ref: LocalMoE = field(repr=False)
     rss_before: int = field(repr=False)
@@ -167,7 +166,7 @@ def target(ray_local, request) -> Target:
         for dtype in TORCH.values():
             _assert_serves(stub, ref, layer, torch.randn(8, D).to(dtype))
     router = dep.routers[0]
-    return Target(address=dep.gateway_addresses[0], stub=stub, raw=channel.unary_unary(FORWARD, request_serializer=None, response_deserializer=None),
+    return Target(address=dep.gateway_addresses[0], stub=stub, channel=channel,
                   router=router, ref=ref, rss_before=ray.get(router.__ray_call__.remote(_rss_bytes)), tally=Counter())
 
 
@@ -228,6 +227,11 @@ def _assert_answer(req: pb.ForwardRequest, resp: pb.ForwardResponse, ref: LocalM
             assert list(resp.routing.token_index) == report.token_index.tolist()
 
 
+def _raw(target: Target, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """A call of `method` taking and returning raw bytes: the body reaches the gateway unparsed."""
+    return target.channel.unary_unary(f"/moe.v1.ExpertService/{method}", request_serializer=None, response_deserializer=None)
+
+
 def _call(target: Target, case: str, req: pb.ForwardRequest | None = None, raw: bytes | None = None) -> None:
     """Send one case (a message, or raw bytes as the whole request) and check its status against the oracle."""
     want = expected(req) if req is not None else expected_raw(raw)
@@ -235,7 +239,7 @@ def _call(target: Target, case: str, req: pb.ForwardRequest | None = None, raw: 
         if req is not None:
             resp = target.stub.Forward(req, timeout=CALL_TIMEOUT)
         else:
-            resp = pb.ForwardResponse.FromString(target.raw(raw, timeout=CALL_TIMEOUT))
+            resp = pb.ForwardResponse.FromString(_raw(target, "Forward")(raw, timeout=CALL_TIMEOUT))
         code, details, err = grpc.StatusCode.OK, "", None
     except grpc.RpcError as e:
         code, details, err, resp = e.code(), e.details() or "", e, None
@@ -429,6 +433,12 @@ def _mutate_token_count(draw, req):
     req.token_ids.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=n, max_size=n)))
 
 
+def _mutate_many_token_ids(draw, req):
+    """Up to a million ids (megabytes of packed varints) for a few tokens."""
+    del req.token_ids[:]
+    req.token_ids.extend(range(-1, draw(st.integers(1 << 12, 1 << 20))))
+
+
 def _mutate_token_values(draw, req):
     """Ids of the right count with any int64 value: negative, far out of any vocabulary (accepted)."""
     n = len(req.token_ids)
@@ -443,7 +453,7 @@ def _mutate_request_id(draw, req):
 MUTATIONS = (_mutate_nonfinite, _mutate_dtype, _mutate_rank, _mutate_negative_dim, _mutate_huge_dim, _mutate_dim_off_by, _mutate_hidden_size,
              _mutate_over_limit, _mutate_truncate, _mutate_extend, _mutate_random_data, _mutate_random_data_exact,
              _mutate_huge_data, _mutate_extreme, _mutate_layer, _mutate_token_count,
-             _mutate_token_values, _mutate_request_id)
+             _mutate_many_token_ids, _mutate_token_values, _mutate_request_id)
 
 
 @st.composite
@@ -529,14 +539,27 @@ def test_valid_requests_equal_local_moe(target, req) -> None:
 
 @settings(FUZZ, max_examples=MALFORMED_CASES)
 @given(req=malformed_requests())
+# malformed and far over the limit: INVALID_ARGUMENT, never "come back later"
+@example(req=pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float32", shape=[2**20, 2**20, 1, D])))
+@example(req=pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float64", shape=[2**20, D])))
 def test_malformed_fields_get_their_status(target, req) -> None:
     _call(target, "malformed", req=req)
 
 
 @settings(FUZZ, max_examples=RAW_CASES)
 @given(raw=raw_requests())
+@example(raw=b"\xff\xff\xff")  # corrupt wire format
+@example(raw=b"\x2a\x02\xff\xfe")  # request_id with bad UTF-8
 def test_random_bytes_as_the_request_get_their_status(target, raw) -> None:
     _call(target, "raw", raw=raw)
+
+
+def test_status_with_a_corrupt_request_is_invalid_argument(target) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(target, "Status")(b"\x0a\xff", timeout=CALL_TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert re.search(r"'request': not a valid moe.v1.StatusRequest message", info.value.details())
+    assert pb.StatusResponse.FromString(_raw(target, "Status")(b"", timeout=CALL_TIMEOUT)).model
 
 
 def test_after_the_fuzz_memory_is_bounded_and_a_correct_request_succeeds(target) -> None:

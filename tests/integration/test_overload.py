@@ -1,12 +1,18 @@
-"""Overload: offered load ~3x capacity for 20 s through the gRPC gateway.
+"""Overload: offered load OVERLOAD_FACTOR (3) x capacity for OVERLOAD_S (20 s) through the gRPC gateway.
 
-Capacity is measured first (closed loop, a few clients), then a fixed-rate open-loop sender offers
-OVERLOAD_FACTOR times that rate for OVERLOAD_S. A small `max_queued_tokens` makes the admission bound bite.
-Checked: the excess gets RESOURCE_EXHAUSTED and is refused quickly (a ratio against accepted latency,
-never a wall-time bound), every accepted answer equals LocalMoE, no other status occurs, the router's and
-the group's RSS stay bounded, and right after the overload a closed loop all succeeds again at a p50
-near the one measured before. p50/p99 of accepted requests, the reject fraction and RSS are printed
-(run with -s) and not gated: the machine is shared and noisy.
+Capacity is measured first (closed loop, CLIENTS clients), then a fixed-rate open-loop sender (gRPC
+futures: a slow answer never slows the sender) offers OVERLOAD_FACTOR times that rate. A small
+`max_queued_tokens` (CLIENTS requests' worth) makes the admission bound bite. Checked: the excess gets
+RESOURCE_EXHAUSTED and is refused quickly (its median latency against the accepted requests' median, a
+ratio, never a wall-time bound), every accepted answer equals LocalMoE, no status but OK and
+RESOURCE_EXHAUSTED occurs, the router's and the group's RSS stay bounded, and once the overload's last
+answer is in, a closed loop all succeeds again at a p50 near the one measured before. p50/p99 of accepted
+requests, the reject fraction and RSS are printed (run with -s), not gated: the machine is shared and noisy.
+
+NOTE: the model is sized so that expert compute, not the router's event loop, is the bottleneck (as in a
+real MoE deployment): the gateway's gRPC server runs on the router's event loop and takes in one call
+per loop round trip, so with tiny requests on a small machine the loop itself saturates before
+admission runs and gRPC queues (and finally CANCELs) calls that no admission check has seen yet.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -31,46 +38,60 @@ from router_svc import LocalMoE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SPEC = dict(hidden_size=32, intermediate_size=48, num_experts=6, num_layers=3, moe_layers=[0, 2])
+# one group computing 64 tokens x top-2 of 256 -> 1024 -> 256 experts takes milliseconds: the bottleneck.
+SPEC = dict(hidden_size=256, intermediate_size=1024, num_experts=8, num_layers=1, moe_layers=[0])
 D = SPEC["hidden_size"]
 LAYER = 0
-TOKENS = 16  # tokens per request
+TOKENS = 64  # tokens per request
 CLIENTS = 4  # closed-loop clients measuring capacity and recovery
 MAX_QUEUED_TOKENS = CLIENTS * TOKENS  # the closed loop always fits; the open loop does not
 OVERLOAD_FACTOR = 3.0
 OVERLOAD_S = 20.0  # as the issue says
 CAPACITY_S = 3.0
 RECOVERY_S = 3.0
-POOL = 64  # distinct inputs, with their LocalMoE answers computed once
+POOL = 32  # distinct inputs, their LocalMoE answers computed once
 # generous bounds: nothing here gates on wall time except liveness.
 RPC_TIMEOUT = 60.0
 READY_TIMEOUT = 300.0
-RSS_GROWTH_MIB = 256  # per process, peak during/after the overload minus before it
+RSS_GROWTH_MIB = 256  # per process: peak during the overload and recovery minus before
 RECOVERY_P50_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
 class Outcome:
-    index: int  # which pool input
     code: grpc.StatusCode
+    sent_s: float  # since the phase started
     latency_s: float
-    data: bytes = b""
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    rel_err: float = float("nan")  # against LocalMoE, OK answers only
+    details: str = ""  # of an error
 
 
 def _request(x: torch.Tensor) -> pb.ForwardRequest:
     return pb.ForwardRequest(layer=LAYER, hidden_states=pb.Tensor(dtype="float32", shape=list(x.shape), data=x.numpy().tobytes()))
 
 
-def _decode(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(TOKENS, D)
+def _checker(want: list[torch.Tensor]) -> Callable[[int, pb.ForwardResponse], float]:
+    """(pool index, response) -> relative error of the answer against LocalMoE's."""
+
+    def rel_err(i: int, resp: pb.ForwardResponse) -> float:
+        y = torch.frombuffer(bytearray(resp.hidden_states.data), dtype=torch.float32).reshape(TOKENS, D)
+        return float((y - want[i]).norm() / want[i].norm())
+
+    return rel_err
 
 
 def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+def _errors(outcomes: list[Outcome]) -> dict[str, tuple[int, str]]:
+    """status name -> (count, one details string), errors only."""
+    seen: dict[str, tuple[int, str]] = {}
+    for o in outcomes:
+        if o.code != grpc.StatusCode.OK:
+            n, details = seen.get(o.code.name, (0, o.details))
+            seen[o.code.name] = (n + 1, details)
+    return seen
 
 
 def _rss_mib(pid: int) -> float:
@@ -82,7 +103,7 @@ def _rss_mib(pid: int) -> float:
 
 
 class _RssSampler:
-    """Samples VmRSS of `pids` every `period_s` on a thread; `peak` is the largest seen per pid."""
+    """Samples VmRSS of `pids` every `period_s` on a thread; `peak` is the largest seen per name."""
 
     def __init__(self, pids: dict[str, int], period_s: float = 0.5) -> None:
         self.pids, self.period_s = pids, period_s
@@ -118,21 +139,20 @@ def _wait_serving(address: str) -> None:
             time.sleep(0.2)
 
 
-def _closed_loop(stub, pool: list[pb.ForwardRequest], seconds: float) -> tuple[list[Outcome], float]:
-    """CLIENTS threads, each sending its next request when the last is answered, for `seconds`."""
+def _closed_loop(stub, pool: list[pb.ForwardRequest], check, seconds: float) -> tuple[list[Outcome], float]:
+    """CLIENTS threads, each sending its next request when its last is answered, for `seconds`.
+    Returns the outcomes and the seconds it took."""
     results: list[list[Outcome]] = [[] for _ in range(CLIENTS)]
-    start = time.monotonic()
-    end = start + seconds
+    start = time.perf_counter()
 
     def run(k: int) -> None:
         i = k
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
+        while (t0 := time.perf_counter()) - start < seconds:
             try:
                 resp = stub.Forward(pool[i % POOL], timeout=RPC_TIMEOUT)
-                results[k].append(Outcome(i % POOL, grpc.StatusCode.OK, time.perf_counter() - t0, resp.hidden_states.data))
+                results[k].append(Outcome(grpc.StatusCode.OK, t0 - start, time.perf_counter() - t0, check(i % POOL, resp)))
             except grpc.RpcError as e:
-                results[k].append(Outcome(i % POOL, e.code(), time.perf_counter() - t0))
+                results[k].append(Outcome(e.code(), t0 - start, time.perf_counter() - t0, details=e.details() or ""))
             i += CLIENTS
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(CLIENTS)]
@@ -140,27 +160,30 @@ def _closed_loop(stub, pool: list[pb.ForwardRequest], seconds: float) -> tuple[l
         t.start()
     for t in threads:
         t.join()
-    return [o for r in results for o in r], time.monotonic() - start
+    return [o for r in results for o in r], time.perf_counter() - start
 
 
-def _open_loop(stub, pool: list[pb.ForwardRequest], rate: float, seconds: float) -> tuple[list[Outcome], float, float]:
-    """Send at a fixed `rate` for `seconds` (futures: a slow answer never slows the sender); wait for
-    every answer. Returns the outcomes, the rate actually offered and how long the last answers took
-    to arrive after the sender stopped."""
+def _open_loop(stub, pool: list[pb.ForwardRequest], check, rate: float, seconds: float) -> tuple[list[Outcome], float, float]:
+    """Send at a fixed `rate` for `seconds`, then wait for every answer. Returns the outcomes, the rate
+    actually offered and how long the last answers took to arrive after the sender stopped."""
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     all_done = threading.Event()
     pending = [1]  # the sender holds one count until it stops
 
+    def settle() -> None:
+        pending[0] -= 1
+        if not pending[0]:
+            all_done.set()
+
     def finish(i: int, t0: float, fut: grpc.Future) -> None:
         latency = time.perf_counter() - t0
         err = fut.exception()
-        o = Outcome(i, grpc.StatusCode.OK, latency, fut.result().hidden_states.data) if err is None else Outcome(i, err.code(), latency)
+        o = Outcome(grpc.StatusCode.OK, t0 - start, latency, check(i, fut.result())) if err is None else \
+            Outcome(err.code(), t0 - start, latency, details=err.details() or "")
         with lock:
             outcomes.append(o)
-            pending[0] -= 1
-            if not pending[0]:
-                all_done.set()
+            settle()
 
     start = time.perf_counter()
     n = 0
@@ -174,14 +197,11 @@ def _open_loop(stub, pool: list[pb.ForwardRequest], rate: float, seconds: float)
         fut = stub.Forward.future(pool[n % POOL], timeout=RPC_TIMEOUT)
         fut.add_done_callback(lambda f, i=n % POOL, t0=t0: finish(i, t0, f))
         n += 1
-    sent_s = time.perf_counter() - start
     stopped = time.perf_counter()
     with lock:
-        pending[0] -= 1
-        if not pending[0]:
-            all_done.set()
+        settle()
     assert all_done.wait(RPC_TIMEOUT + 30), "answers still missing long after every deadline"
-    return outcomes, n / sent_s, time.perf_counter() - stopped
+    return outcomes, n / (stopped - start), time.perf_counter() - stopped
 
 
 @pytest.fixture(scope="module")
@@ -199,57 +219,61 @@ def service(ray_local):
         dep.shutdown()
 
 
+def _report(capacity: float, before: list[Outcome], during: list[Outcome], offered: float, drain_s: float,
+            after: list[Outcome], rss_before: dict, rss_peak: dict, rss_after: dict) -> dict:
+    ok = [o for o in during if o.code == grpc.StatusCode.OK]
+    refused = [1e3 * o.latency_s for o in during if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    accepted = [1e3 * o.latency_s for o in ok]
+    halves = [[1e3 * o.latency_s for o in ok if (o.sent_s < OVERLOAD_S / 2) == first] for first in (True, False)]
+    return dict(
+        capacity_rps=round(capacity, 1), offered_rps=round(offered, 1), requests=len(during),
+        reject_fraction=round(len(refused) / max(len(during), 1), 3), accepted_rps=round(len(ok) / OVERLOAD_S, 1),
+        p50_before_ms=_pct([1e3 * o.latency_s for o in before], 50),
+        accepted_p50_ms=_pct(accepted, 50), accepted_p99_ms=_pct(accepted, 99),
+        accepted_p99_first_half_ms=_pct(halves[0], 99), accepted_p99_second_half_ms=_pct(halves[1], 99),
+        refused_p50_ms=_pct(refused, 50), refused_p99_ms=_pct(refused, 99),
+        drain_s=round(drain_s, 3), recovery_rps=round(len(after) / RECOVERY_S, 1),
+        p50_after_ms=_pct([1e3 * o.latency_s for o in after], 50),
+        max_rel_err=max((o.rel_err for o in ok + after if o.code == grpc.StatusCode.OK), default=float("nan")),
+        rss_before_mib={k: round(v, 1) for k, v in rss_before.items()},
+        rss_peak_mib={k: round(v, 1) for k, v in rss_peak.items()},
+        rss_after_mib={k: round(v, 1) for k, v in rss_after.items()},
+    )
+
+
 def test_overload_excess_is_refused_quickly_accepted_stay_exact_and_service_recovers(service) -> None:
     gen = torch.Generator().manual_seed(7)
     xs = [torch.randn(TOKENS, D, generator=gen) for _ in range(POOL)]
     ref = LocalMoE.from_config(SPEC, seed=1)
-    want = [ref.forward(x, LAYER) for x in xs]
+    check = _checker([ref.forward(x, LAYER) for x in xs])
     pool = [_request(x) for x in xs]
     pids = {"router": ray.get(service.routers[0].__ray_call__.remote(lambda self: os.getpid())),
             "group": ray.get(service.groups[0].info.remote())["pid"]}
-    report: dict[str, object] = {}
 
     with grpc.insecure_channel(service.gateway_addresses[0]) as ch:
         stub = pb_grpc.ExpertServiceStub(ch)
-        _closed_loop(stub, pool, 0.5)  # warm up
-        before, took = _closed_loop(stub, pool, CAPACITY_S)
-        assert {o.code for o in before} == {grpc.StatusCode.OK}, "the closed loop alone must fit the queue bound"
+        _closed_loop(stub, pool, check, 0.5)  # warm up
+        before, took = _closed_loop(stub, pool, check, CAPACITY_S)
+        assert {o.code for o in before} == {grpc.StatusCode.OK}, f"the closed loop alone must fit the queue bound: {_errors(before)}"
         capacity = len(before) / took
-        p50_before = statistics.median(o.latency_s for o in before)
         rss_before = {name: _rss_mib(pid) for name, pid in pids.items()}
-
         with _RssSampler(pids) as rss:
-            during, offered, drain_s = _open_loop(stub, pool, OVERLOAD_FACTOR * capacity, OVERLOAD_S)
-            after, took_after = _closed_loop(stub, pool, RECOVERY_S)
+            during, offered, drain_s = _open_loop(stub, pool, check, OVERLOAD_FACTOR * capacity, OVERLOAD_S)
+            after, _ = _closed_loop(stub, pool, check, RECOVERY_S)
         rss_after = {name: _rss_mib(pid) for name, pid in pids.items()}
 
-    ok = [o for o in during if o.code == grpc.StatusCode.OK]
-    refused = [o for o in during if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    accepted_ms = [1e3 * o.latency_s for o in ok]
-    refused_ms = [1e3 * o.latency_s for o in refused]
-    report.update(
-        capacity_rps=round(capacity, 1), offered_rps=round(offered, 1), requests=len(during),
-        reject_fraction=round(len(refused) / max(len(during), 1), 3), accepted_rps=round(len(ok) / OVERLOAD_S, 1),
-        p50_before_ms=round(1e3 * p50_before, 2),
-        accepted_p50_ms=round(_pct(accepted_ms, 50), 2), accepted_p99_ms=round(_pct(accepted_ms, 99), 2),
-        refused_p50_ms=round(_pct(refused_ms, 50), 2), refused_p99_ms=round(_pct(refused_ms, 99), 2),
-        drain_s=round(drain_s, 3), recovery_rps=round(len(after) / took_after, 1),
-        p50_after_ms=round(1e3 * statistics.median(o.latency_s for o in after), 2) if after else None,
-        rss_before_mib={k: round(v, 1) for k, v in rss_before.items()},
-        rss_peak_mib={k: round(v, 1) for k, v in rss.peak.items()},
-        rss_after_mib={k: round(v, 1) for k, v in rss_after.items()},
-    )
+    report = _report(capacity, before, during, offered, drain_s, after, rss_before, rss.peak, rss_after)
     print("\noverload report:", report)
-
-    others = {o.code for o in during} - {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert not others, f"statuses other than OK / RESOURCE_EXHAUSTED: {others}; {report}"
-    assert refused, f"nothing refused at {OVERLOAD_FACTOR}x capacity: {report}"
-    assert ok, f"nothing accepted under overload: {report}"
-    # NOTE: refusals happen at admission, before any queueing, so they take less than an accepted request
-    assert _pct(refused_ms, 50) < _pct(accepted_ms, 50), f"refusals are not quick: {report}"
-    for o in ok + after:
-        assert _rel(_decode(o.data), want[o.index]) < 1e-5, o.index
+    codes = {o.code for o in during}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, f"other statuses: {_errors(during)}; {report}"
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, f"nothing refused at {OVERLOAD_FACTOR}x capacity: {report}"
+    assert grpc.StatusCode.OK in codes, f"nothing accepted under overload: {report}"
+    # NOTE: refused at admission, before any queueing: quicker than any accepted request's round trip
+    assert report["refused_p50_ms"] < report["accepted_p50_ms"], f"refusals are not quick: {report}"
+    bad = [o for o in during + after if o.code == grpc.StatusCode.OK and not o.rel_err < 1e-5]
+    assert not bad, f"{len(bad)} accepted answers differ from LocalMoE (worst {max(o.rel_err for o in bad)}): {report}"
     for name in pids:
         assert rss.peak[name] - rss_before[name] < RSS_GROWTH_MIB, f"{name} RSS grew: {report}"
-    assert after and {o.code for o in after} == {grpc.StatusCode.OK}, f"no clean recovery: {report}"
-    assert statistics.median(o.latency_s for o in after) < RECOVERY_P50_FACTOR * p50_before, f"slow recovery: {report}"
+    assert after and {o.code for o in after} == {grpc.StatusCode.OK}, f"no clean recovery: {_errors(after)}; {report}"
+    assert statistics.median(o.latency_s for o in after) < RECOVERY_P50_FACTOR * statistics.median(o.latency_s for o in before), \
+        f"slow recovery: {report}"
