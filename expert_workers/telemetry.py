@@ -17,8 +17,9 @@ from expert_workers.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True)
 class TelemetryConfig:
-    # Prometheus endpoint of router i at prometheus_port + i (0: any free port; None: no endpoint)
-    prometheus_port: int | None = 9464
+    # Prometheus endpoint of router i at prometheus_port + i (0, the default: any free port, shown by
+    # status and `moe-serve up`; None: no endpoint)
+    prometheus_port: int | None = 0
     prometheus_host: str = "127.0.0.1"
     otlp_endpoint: str | None = None
     # fraction of requests traced (a sampled parent from gRPC metadata is always followed)

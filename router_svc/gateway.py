@@ -121,16 +121,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             remaining = context.time_remaining()
             out = await (asyncio.wait_for(call, timeout=remaining) if remaining is not None else call)
             return _response(out)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except BackPressureError as e:
-            await _abort_exhausted(context, e)
-        except ExpertUnavailableError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded inside the service")
-        except MoEServeError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (MoEServeError, asyncio.TimeoutError) as e:
+            failure = _failure(e)
+        # NOTE: abort after the except block, never inside it: raised there, the abort's context is
+        # the error, whose traceback holds this frame, whose locals hold the error: a cycle that keeps
+        # the request (megabytes of tensor, a million token ids) alive until a full collection.
+        await _abort(context, failure)
         raise AssertionError("unreachable: abort raises")
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
@@ -176,12 +172,36 @@ def _parsing(request_cls: Any, method: Callable[[Any, grpc.aio.ServicerContext],
     return handler
 
 
-async def _abort_exhausted(context: grpc.aio.ServicerContext, e: BackPressureError) -> None:
+@dataclass(frozen=True, kw_only=True)
+class _Failure:
+    """An error as its status: plain data, holding no exception (nor its traceback)."""
+
+    code: grpc.StatusCode
+    message: str
+    quota_subject: str | None = None  # RESOURCE_EXHAUSTED: the limit, sent as a QuotaFailure detail
+
+
+def _failure(e: BaseException) -> _Failure:
+    """The one place errors map to status codes."""
+    if isinstance(e, InvalidRequestError):
+        return _Failure(code=grpc.StatusCode.INVALID_ARGUMENT, message=str(e))
+    if isinstance(e, BackPressureError):
+        return _Failure(code=grpc.StatusCode.RESOURCE_EXHAUSTED, message=str(e), quota_subject=e.limit)
+    if isinstance(e, ExpertUnavailableError):
+        return _Failure(code=grpc.StatusCode.UNAVAILABLE, message=str(e))
+    if isinstance(e, asyncio.TimeoutError):
+        return _Failure(code=grpc.StatusCode.DEADLINE_EXCEEDED, message="deadline exceeded inside the service")
+    return _Failure(code=grpc.StatusCode.FAILED_PRECONDITION, message=str(e))
+
+
+async def _abort(context: grpc.aio.ServicerContext, f: _Failure) -> None:
+    if f.quota_subject is None:
+        await context.abort(f.code, f.message)
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.QuotaFailure(violations=[
-        error_details_pb2.QuotaFailure.Violation(subject=e.limit, description=str(e)),
+        error_details_pb2.QuotaFailure.Violation(subject=f.quota_subject, description=f.message),
     ]))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(e), details=[detail])
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=f.message, details=[detail])
     await context.abort_with_status(rpc_status.to_status(status))
 
 
