@@ -130,22 +130,48 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     if not deps:
         print("no deployments")
+    from rich.console import Console
+
+    console = Console()
     for d in deps:
-        print(f"deployment {d['name']}  gateways {', '.join(d['gateways']) or '-'}")
-        for r in d["status"]:
-            if "groups" not in r:
-                print(f"  router {r.get('name')}: DOWN {r.get('error', '')}")
-                continue
-            print(f"  model {r['model']}  routing table v{r['routing_table_version']}")
-            for rr in r["routers"]:
-                print(f"  router {rr['name']}  {rr['address']}  transports {rr['transports']}  requests {rr['requests']}  batches {rr['batches']}")
-            print(f"  {'group':<28}{'alive':>6}{'device':>8}{'slots':>7}")
-            for g in r["groups"]:
-                print(f"  {g['name']:<28}{str(g['alive']):>6}{g['device']:>8}{g['slots']:>7}")
-            busy = sorted(r["experts"], key=lambda e: -e["tokens_per_s"])[:8]
-            print("  busiest experts: " + ", ".join(f"L{e['layer']}E{e['expert']} {e['tokens_per_s']:.0f} tok/s x{e['replicas']}" for e in busy))
+        for table in status_tables(d):
+            console.print(table)
         _print_events(d["status"])
     return 0
+
+
+def status_tables(d: dict) -> list:
+    """`moe-serve status` as rich tables: routers, groups, experts (busiest first)."""
+    from rich.table import Table
+
+    tables = []
+    for r in d["status"]:
+        if "groups" not in r:
+            t = Table(title=f"deployment {d['name']}: router {r.get('name')} DOWN")
+            t.add_column("error")
+            t.add_row(str(r.get("error", "")))
+            tables.append(t)
+            continue
+        title = (f"deployment {d['name']}  model {r['model']}  routing table v{r['routing_table_version']}  "
+                 f"gateways {', '.join(d['gateways']) or '-'}")
+        routers = Table(title=title, title_justify="left")
+        for col in ("router", "gateway", "transports", "requests", "batches"):
+            routers.add_column(col, justify="right" if col in ("requests", "batches") else "left")
+        for rr in r["routers"]:
+            routers.add_row(rr["name"], rr["address"], " > ".join(rr["transports"]), str(rr["requests"]), str(rr["batches"]))
+        groups = Table(title="expert groups", title_justify="left")
+        for col in ("group", "node", "alive", "device", "slots", "tok/s", "scaled"):
+            groups.add_column(col, justify="right" if col in ("slots", "tok/s") else "left")
+        for g in r["groups"]:
+            groups.add_row(g["name"], (g.get("node_id") or "")[:12], "yes" if g["alive"] else "[red]NO[/red]", g.get("device", ""),
+                           str(g["slots"]), f"{g.get('tokens_per_s', 0.0):.0f}", "yes" if g.get("scaled") else "")
+        experts = Table(title="experts (busiest first)", title_justify="left")
+        for col in ("layer", "expert", "copies", "tok/s", "on groups"):
+            experts.add_column(col, justify="right" if col != "on groups" else "left")
+        for e in sorted(r["experts"], key=lambda e: -e["tokens_per_s"])[:16]:
+            experts.add_row(str(e["layer"]), str(e["expert"]), str(e["replicas"]), f"{e['tokens_per_s']:.0f}", ", ".join(e.get("groups", [])))
+        tables += [routers, groups, experts]
+    return tables
 
 
 def _print_events(statuses: list[dict]) -> None:
