@@ -216,7 +216,7 @@ def _chaos(args: argparse.Namespace) -> int:
         cfg = chaos.embedded_config(replicas=args.replicas, failover=args.failover, seed=args.seed)
         print(f"starting an embedded deployment ({cfg['deployment']['expert_groups']} groups, "
               f"{cfg['deployment']['routers']} routers, {args.replicas} copies per expert, failover {args.failover}) ...", flush=True)
-        dep = deploy(cfg, address=args.address)
+        dep = deploy(cfg, address=args.address, progress=lambda line: print("  " + line, flush=True))
         target = chaos.Target(dep.name, dep.gateway_addresses, LocalMoE.from_config(chaos.SMALL_MODEL, seed=args.seed))
     else:
         from cluster import ops, registry

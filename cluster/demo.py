@@ -25,7 +25,8 @@ def run_gateway_demo(args: argparse.Namespace, base: LocalMoE) -> None:
     spec = base.spec
     model = {"path": args.model} if args.model else {"random": spec.to_dict(), "seed": args.seed}
     print(f"\ndeploying {args.groups} expert groups + 1 router with a gRPC gateway on an embedded Ray ...")
-    dep = deploy({"model": model, "gateway": {"port": 0}, "deployment": {"name": "demo", "expert_groups": args.groups, "transport": "auto"}})
+    dep = deploy({"model": model, "gateway": {"port": 0}, "deployment": {"name": "demo", "expert_groups": args.groups, "transport": "auto"}},
+                 progress=lambda line: print("  " + line, flush=True))
     stop = threading.Event()
     lock = threading.Lock()
     lat: list[float] = []

@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import ray
@@ -72,13 +72,16 @@ def _resolve_device(requested: str) -> str:
 
 
 def deploy(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig, address: str | None = None,
-           *, detached: bool = False) -> "Deployment":
-    """Create the deployment; `detached` actors outlive this process (`moe-serve up`)."""
+           *, detached: bool = False, progress: Callable[[str], None] | None = None) -> "Deployment":
+    """Create the deployment; `detached` actors outlive this process (`moe-serve up`).
+
+    `progress` receives a line per step (groups placed, weights loaded per group, routers, supervisor).
+    """
     cfg = load_config(config)
     d = cfg.deployment
     started = _ensure_ray(address, d.expert_groups * d.group_cpus + d.routers * d.router_cpus)
     try:
-        dep = _create(cfg, detached=detached)
+        dep = _create(cfg, detached=detached, progress=progress or (lambda _line: None))
         dep.started_ray = started
         return dep
     except BaseException:
@@ -87,7 +90,7 @@ def deploy(config: str | os.PathLike[str] | Mapping[str, Any] | ServiceConfig, a
         raise
 
 
-def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
+def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[str], None]) -> "Deployment":
     d = cfg.deployment
     source = cfg.model.source()
     spec: MoESpec = open_source(source).spec
@@ -118,7 +121,16 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
         # on different nodes wherever the cluster has them.
         placement = spread_replicated(all_slots(spec, shared_as_slot=d.shared_experts == "slot"), d.expert_groups,
                                       d.replicas, nodes=[i["node_id"] for i in infos])
-        ray.get([g.set_slots.remote(slots) for g, slots in zip(groups, placement)], timeout=PLACE_TIMEOUT_S)
+        progress(f"{len(groups)} expert groups placed on {len({i['node_id'] for i in infos})} node(s); loading weights")
+        pending = {g.set_slots.remote(slots): i for i, (g, slots) in enumerate(zip(groups, placement))}
+        deadline = time.monotonic() + PLACE_TIMEOUT_S
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                raise TimeoutError(f"expert groups did not load their weights within {PLACE_TIMEOUT_S:.0f} s")
+            i = pending.pop(ready[0])
+            ray.get(ready[0])
+            progress(f"weights loaded: group {i} ({len(placement[i])} slots), {len(groups) - len(pending)}/{len(groups)}")
         table = RoutingTable.build(1, spec.num_experts, [GroupRef(i["name"], i["grpc_address"], i["node_id"]) for i in infos], placement)
         gw = cfg.gateway
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
@@ -134,6 +146,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
             router_specs.append(spec_i)
             routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, **spec_i["options"]).remote(
                 table=table, groups=groups, **spec_i["kwargs"]))
+        progress(f"starting {len(routers)} router(s) (transport {d.transport})")
         started = _placed([r.start.remote() for r in routers], "routers", d.routers * d.router_cpus)
         supervisor = None
         if d.supervisor:
@@ -148,6 +161,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False) -> "Deployment":
                 [f"{name}-group-{i}" for i in range(len(groups))], [f"{name}-router-{i}" for i in range(len(routers))],
                 d.supervisor_period_s, policy=d.elastic(), router_specs=router_specs)
             ray.get(supervisor.status.remote())
+            progress("supervisor running")
     except BaseException:
         for actor in routers + groups:
             ray.kill(actor)

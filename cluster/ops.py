@@ -22,7 +22,7 @@ def up(config_path: str, address: str, wait_s: float = 180.0) -> dict[str, Any]:
     """Deploy detached actors, record them, wait until the gateways report SERVING."""
     cfg = load_config(config_path)
     connect(address)
-    dep = deploy(cfg, detached=True)
+    dep = deploy(cfg, detached=True, progress=lambda line: print(line, flush=True))
     entry = {
         "name": dep.name,
         "routers": [f"{dep.name}-router-{i}" for i in range(len(dep.routers))],

@@ -493,7 +493,7 @@ def embedded(seed: int = 0, address: str | None = None) -> Target:
     from cluster.deploy import deploy
     from router_svc.local import LocalMoE
 
-    dep = deploy(embedded_config(seed), address=address)
+    dep = deploy(embedded_config(seed), address=address, progress=lambda line: print("  " + line, flush=True))
     ref = LocalMoE.from_config(SMALL_MODEL, seed=seed)
     return Target(name=dep.name, routers=list(dep.routers), supervisor=dep.supervisor, gateways=list(dep.gateway_addresses),
                   gates={l: ref.layer(l).router.weight.detach() for l in ref.spec.moe_layers}, close=dep.shutdown)

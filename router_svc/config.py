@@ -38,12 +38,15 @@ class DataPlaneConfig:
     # admission limits: one request's tokens, and tokens admitted but not yet answered.
     max_tokens_per_request: int = 65536
     max_queued_tokens: int = 262144
+    # requests admitted but not yet answered. NOTE: each costs the router ~12 KiB and per-request
+    # work in its batch beside its tokens, so many tiny requests stay bounded (4096 ~ 50 MiB).
+    max_queued_requests: int = 4096
 
     def __post_init__(self) -> None:
         p = "deployment."
         if self.transport not in TRANSPORT_MODES:
             raise ConfigError(field=p + "transport", value=self.transport, expected=f"one of {TRANSPORT_MODES}")
-        for name in ("max_tokens_per_request", "max_queued_tokens", "batch_max_in_flight"):
+        for name in ("max_tokens_per_request", "max_queued_tokens", "max_queued_requests", "batch_max_in_flight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(field=("deployment." if name.startswith("batch") else "gateway.") + name, value=v, expected="an integer >= 1")

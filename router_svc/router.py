@@ -164,6 +164,7 @@ class Router:
         self.gateway: Any = None
         self._health_task: asyncio.Task | None = None
         self._inflight_tokens = 0
+        self._inflight_requests = 0
         self._started = time.monotonic()
         src = open_source(source)
         self.spec: MoESpec = src.spec if routing is None else replace(src.spec, routing=routing)
@@ -353,15 +354,19 @@ class Router:
         ids = admission.check_token_ids(token_ids, t, self.spec)
         if self._inflight_tokens + tokens > self.config.max_queued_tokens:
             raise BackPressureError(limit="queued tokens", value=self._inflight_tokens + tokens, maximum=self.config.max_queued_tokens)
+        if self._inflight_requests >= self.config.max_queued_requests:
+            raise BackPressureError(limit="queued requests", value=self._inflight_requests + 1, maximum=self.config.max_queued_requests)
         x_TD = t.reshape(-1, self.spec.hidden_size).to(self.compute_dtype)
         fut = asyncio.get_running_loop().create_future()
         self.counters["requests"] += 1
         self._inflight_tokens += tokens
+        self._inflight_requests += 1
         try:
             self._enqueue(layer, _Pending(x_TD, tuple(t.shape), wire.dtype_name(t.dtype), ids, return_routing, request_id, fut))
             return await fut
         finally:
             self._inflight_tokens -= tokens
+            self._inflight_requests -= 1
 
     def _enqueue(self, layer: int, p: _Pending) -> None:
         """Queue a request. A batch of its layer leaves when it is full; at once when none of its

@@ -21,7 +21,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
@@ -35,6 +35,7 @@ from cluster import deploy
 from moe.v1 import expert_service_pb2 as pb
 from moe.v1 import expert_service_pb2_grpc as pb_grpc
 from router_svc import LocalMoE
+from router_svc.config import DataPlaneConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -277,3 +278,66 @@ def test_overload_excess_is_refused_quickly_accepted_stay_exact_and_service_reco
     assert after and {o.code for o in after} == {grpc.StatusCode.OK}, f"no clean recovery: {_errors(after)}; {report}"
     assert statistics.median(o.latency_s for o in after) < RECOVERY_P50_FACTOR * statistics.median(o.latency_s for o in before), \
         f"slow recovery: {report}"
+
+
+@ray.remote(num_cpus=0)
+class _Latch:
+    """Holds whoever waits on it until `release`; `waiting` says how many are inside `wait`."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.event, self.waiters = asyncio.Event(), 0
+
+    async def wait(self) -> None:
+        self.waiters += 1
+        await self.event.wait()
+
+    def waiting(self) -> int:
+        return self.waiters
+
+    def release(self) -> None:
+        self.event.set()
+
+
+def _block(actor_self, latch) -> None:
+    ray.get(latch.wait.remote())
+
+
+def _set_max_queued_requests(router, n: int) -> None:
+    # NOTE: set on the running router: deployment YAML does not carry this field yet.
+    ray.get(router.__ray_call__.remote(lambda self: setattr(self, "config", replace(self.config, max_queued_requests=n))))
+
+
+def test_many_tiny_requests_are_bounded_by_count_not_only_tokens(service) -> None:
+    """max_queued_requests=2 with the group held: of a burst of 1-token requests (far under the token
+    bound) exactly two are admitted; the rest are RESOURCE_EXHAUSTED 'queued requests' at once."""
+    burst, bound = 24, 2
+    ref = LocalMoE.from_config(SPEC, seed=1)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
+    router, group = service.routers[0], service.groups[0]
+    latch = _Latch.remote()
+    _set_max_queued_requests(router, bound)
+    try:
+        held = group.__ray_call__.remote(_block, latch)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ray.get(latch.waiting.remote()):  # the group is inside _block now
+            assert time.monotonic() < deadline, "the group never ran the blocking call"
+            time.sleep(0.05)
+        with grpc.insecure_channel(service.gateway_addresses[0]) as ch:
+            stub = pb_grpc.ExpertServiceStub(ch)
+            futs = [stub.Forward.future(_request(x), timeout=RPC_TIMEOUT) for _ in range(burst)]
+            refused = [f.exception() for f in futs[bound:]]  # answered while the first two are stuck
+            ray.get(latch.release.remote())
+            ray.get(held, timeout=RPC_TIMEOUT)
+            for f in futs[:bound]:
+                y = torch.frombuffer(bytearray(f.result().hidden_states.data), dtype=torch.float32).reshape(1, D)
+                assert float((y - ref.forward(x, LAYER)).norm() / ref.forward(x, LAYER).norm()) < 1e-5
+            assert all(e is not None and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused), _errors(
+                [Outcome(e.code() if e else grpc.StatusCode.OK, 0, 0, details=e.details() if e else "") for e in refused])
+            assert all(f"queued requests: {bound + 1} exceeds the limit of {bound}" in e.details() for e in refused)
+            stub.Forward(_request(x), timeout=RPC_TIMEOUT)  # answered ones are counted out again
+    finally:
+        ray.get(latch.release.remote())
+        _set_max_queued_requests(router, DataPlaneConfig().max_queued_requests)
+        ray.kill(latch)

@@ -330,6 +330,7 @@ def test_deploy_yaml_is_set_up_for_a_cluster() -> None:
     d = _deploy()
     assert d["deployment"]["device"] == "cuda"
     assert d["gateway"]["host"] == "0.0.0.0" and d["telemetry"]["prometheus_host"] == "0.0.0.0"
+    assert d["gateway"]["port"] > 0 and d["telemetry"]["prometheus_port"] > 0, "0 is any free port: manifests cannot name it"
     assert "token" not in (d.get("auth") or {}), "the token comes from MOE_SERVE_TOKEN, not the file"
     assert d["deployment"]["transport"] != "grpc", "grpc_host is one address for every group (docs/deploy.md section 7)"
 
