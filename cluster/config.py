@@ -9,7 +9,7 @@
                  min_groups, max_groups, target_group_tokens_per_s, scale_up_delay_s, scale_down_delay_s,
                  place_timeout_s, drain_timeout_s
     gateway:     enabled, host, port (router i serves port + i; 0 = any free port),
-                 max_tokens_per_request, max_queued_tokens
+                 max_tokens_per_request, max_queued_tokens, max_queued_requests
     auth:        token (default: the MOE_SERVE_TOKEN environment variable)
     tls:         cert, key, client_ca (client_ca turns on mutual TLS)
     telemetry:   prometheus_port (router i: port + i; 0 any free; null off), prometheus_host,
@@ -196,6 +196,8 @@ class GatewaySettings:
     port: int = 50051
     max_tokens_per_request: int = 65536
     max_queued_tokens: int = 262144
+    # requests admitted but not answered (bounds memory and per-request work when requests are tiny)
+    max_queued_requests: int = 4096
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -204,7 +206,7 @@ class GatewaySettings:
             raise ConfigError(field="gateway.host", value=self.host, expected="a host name or IP address")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port < 65536:
             raise ConfigError(field="gateway.port", value=self.port, expected="an integer in [0, 65535] (0: any free port)")
-        for name in ("max_tokens_per_request", "max_queued_tokens"):
+        for name in ("max_tokens_per_request", "max_queued_tokens", "max_queued_requests"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(field=f"gateway.{name}", value=v, expected="an integer >= 1")

@@ -136,7 +136,8 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
                              batch_max_in_flight=d.batch_max_in_flight,
                              device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts, failover=d.failover,
-                             max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens)
+                             max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens,
+                             max_queued_requests=gw.max_queued_requests)
         router_cls = ray.remote(Router)
         router_specs = []
         for i in range(d.routers):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import grpc
+import numpy as np
 from google.protobuf import any_pb2, message_factory
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -64,7 +65,8 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
         reason = "missing bearer token" if not given else "invalid bearer token"
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+            _fail(context, _Failure(code=grpc.StatusCode.UNAUTHENTICATED, message=reason))
+            return b""
 
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=lambda b: b, response_serializer=lambda b: b)
 
@@ -114,7 +116,8 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         try:
             x = _tensor_in(request.hidden_states, "hidden_states", self.router.config.max_tokens_per_request)
-            ids = list(request.token_ids) if len(request.token_ids) else None
+            # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
+            ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
             traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
             call = self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
                                               traceparent=traceparent)
@@ -122,12 +125,11 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             out = await (asyncio.wait_for(call, timeout=remaining) if remaining is not None else call)
             return _response(out)
         except (MoEServeError, asyncio.TimeoutError) as e:
-            failure = _failure(e)
-        # NOTE: abort after the except block, never inside it: raised there, the abort's context is
-        # the error, whose traceback holds this frame, whose locals hold the error: a cycle that keeps
-        # the request (megabytes of tensor, a million token ids) alive until a full collection.
-        await _abort(context, failure)
-        raise AssertionError("unreachable: abort raises")
+            # NOTE: drop the traceback: under wait_for the task holds the error and the error's frames
+            # hold the task, a cycle keeping this request's tensor and token ids until a full collection.
+            e.__traceback__ = None
+            _fail(context, _failure(e))
+            return pb.ForwardResponse()
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         st = await self.router.service_status()
@@ -166,7 +168,8 @@ def _parsing(request_cls: Any, method: Callable[[Any, grpc.aio.ServicerContext],
             request = request_cls.FromString(raw)
         except DecodeError as e:
             err = InvalidRequestError(field="request", problem=f"not a valid {request_cls.DESCRIPTOR.full_name} message: {e}")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            _fail(context, _failure(err))
+            return None
         return await method(request, context)
 
     return handler
@@ -194,15 +197,22 @@ def _failure(e: BaseException) -> _Failure:
     return _Failure(code=grpc.StatusCode.FAILED_PRECONDITION, message=str(e))
 
 
-async def _abort(context: grpc.aio.ServicerContext, f: _Failure) -> None:
-    if f.quota_subject is None:
-        await context.abort(f.code, f.message)
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.QuotaFailure(violations=[
-        error_details_pb2.QuotaFailure.Violation(subject=f.quota_subject, description=f.message),
-    ]))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=f.message, details=[detail])
-    await context.abort_with_status(rpc_status.to_status(status))
+def _fail(context: grpc.aio.ServicerContext, f: _Failure) -> None:
+    """Set the call's status; the handler then returns, and gRPC sends the status, not the answer.
+
+    NOTE: not `context.abort`: it raises, and gRPC keeps the raised error in a reference cycle
+    whose traceback holds every frame it left, with their locals: the request, raw bytes and all,
+    stays alive until a full garbage collection, and bad requests pile up in memory.
+    """
+    context.set_code(f.code)
+    context.set_details(f.message)
+    if f.quota_subject is not None:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=f.quota_subject, description=f.message),
+        ]))
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=f.message, details=[detail])
+        context.set_trailing_metadata(rpc_status.to_status(status).trailing_metadata)
 
 
 class Gateway:
@@ -214,7 +224,10 @@ class Gateway:
         # NOTE: SO_REUSEPORT off: otherwise a second gateway silently shares a port that one already serves.
         opts = [("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes), ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(interceptors=interceptors, options=opts)
+        # NOTE: past this many RPCs in progress gRPC itself answers RESOURCE_EXHAUSTED at once, before
+        # the call reaches the event loop (admission's request bound plus room for Status and health).
+        self.server = grpc.aio.server(interceptors=interceptors, options=opts,
+                                      maximum_concurrent_rpcs=router.config.max_queued_requests + 64)
         _add_servicer(ExpertServicer(router), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -8,6 +8,7 @@ ratio, never a wall-time bound), every accepted answer equals LocalMoE, no statu
 RESOURCE_EXHAUSTED occurs, the router's and the group's RSS stay bounded, and once the overload's last
 answer is in, a closed loop all succeeds again at a p50 near the one measured before. p50/p99 of accepted
 requests, the reject fraction and RSS are printed (run with -s), not gated: the machine is shared and noisy.
+A second test pins the bound on admitted requests (`max_queued_requests`) with a burst of 1-token requests.
 
 NOTE: the model is sized so that expert compute, not the router's event loop, is the bottleneck (as in a
 real MoE deployment): the gateway's gRPC server runs on the router's event loop and takes in one call
@@ -17,6 +18,7 @@ admission runs and gRPC queues (and finally CANCELs) calls that no admission che
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import threading
@@ -285,8 +287,6 @@ class _Latch:
     """Holds whoever waits on it until `release`; `waiting` says how many are inside `wait`."""
 
     def __init__(self) -> None:
-        import asyncio
-
         self.event, self.waiters = asyncio.Event(), 0
 
     async def wait(self) -> None:
