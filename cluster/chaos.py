@@ -157,13 +157,25 @@ def _wait_event(name: str, match: Callable[[dict[str, Any]], bool], since: float
     return None
 
 
+def _live_actor(names: Sequence[str], rng: random.Random) -> tuple[str, Any]:
+    """A random one of `names` that still exists (one just lost, e.g. with its node, is skipped)."""
+    for name in rng.sample(list(names), len(names)):
+        try:
+            return name, ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
+    return "", None
+
+
 def _kill_group(target: Target, rng: random.Random, timeout: float) -> Fault:
     st = _status(target.name, timeout=30)
     if st is None:
         return Fault("group", 0.0, error="supervisor unavailable: no group list")
-    victim = rng.choice(st["groups"])
+    victim, actor = _live_actor(st["groups"], rng)
+    if actor is None:
+        return Fault("group", 0.0, error="no live expert group to kill")
     since = time.time()
-    ray.kill(ray.get_actor(victim, namespace=NAMESPACE))
+    ray.kill(actor)
     rec = _wait_event(target.name, lambda e: e["kind"] == "failover" and victim in e.get("groups", []), since, timeout)
     return Fault("group", 0.0, victim=victim, recovered_s=rec)
 
@@ -173,9 +185,11 @@ def _kill_router(target: Target, rng: random.Random, timeout: float) -> Fault:
     routers = st["routers"] if st is not None else []
     if not routers:
         return Fault("router", 0.0, error="no router list")
-    victim = rng.choice(routers)
+    victim, actor = _live_actor(routers, rng)
+    if actor is None:
+        return Fault("router", 0.0, error="no live router to kill")
     since = time.time()
-    ray.kill(ray.get_actor(victim, namespace=NAMESPACE))
+    ray.kill(actor)
     rec = _wait_event(target.name, lambda e: e["kind"] == "router_restart" and e.get("router") == victim, since, timeout)
     return Fault("router", 0.0, victim=victim, recovered_s=rec)
 
@@ -360,9 +374,38 @@ SMALL_MODEL = dict(hidden_size=64, intermediate_size=128, num_experts=8, num_lay
                    routing=dict(policy="topk_softmax", top_k=2, normalize_topk=True))
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """A base port such that base .. base + count - 1 are free now (router i serves base + i)."""
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + count >= 65536:
+            continue
+        socks = []
+        try:
+            for i in range(count):
+                t = socket.socket()
+                socks.append(t)
+                t.bind((host, base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise OSError(f"no {count} consecutive free ports on {host}")
+
+
 def embedded_config(*, replicas: int = 2, failover: str = "wait", groups: int = 4, routers: int = 2, seed: int = 0) -> dict[str, Any]:
-    """The deployment `moe-serve chaos` starts when given no cluster: small, fast to heal."""
-    return {"model": {"random": SMALL_MODEL, "seed": seed}, "gateway": {"port": 0},
+    """The deployment `moe-serve chaos` starts when given no cluster: small, fast to heal.
+
+    NOTE: fixed gateway ports (router i: base + i), so a re-created router serves the address its
+    clients already hold; with any-free-port gateways, losing every original router would strand them.
+    """
+    return {"model": {"random": SMALL_MODEL, "seed": seed}, "gateway": {"port": free_ports(routers)},
             "deployment": {"name": "chaos", "expert_groups": groups, "routers": routers, "replicas": replicas,
                            "failover": failover, "transport": "object_store", "supervisor_period_s": 0.2,
                            "group_cpus": 0.5, "router_cpus": 0.5}}
