@@ -209,9 +209,15 @@ class ExpertGroup:
 
     def forward(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray, dtype: str, trace: str = "") -> np.ndarray:
         """Object-store path: numpy in (zero-copy read), numpy out."""
+        return self.forward_timed(layer, experts, counts, x, dtype, trace)[0]
+
+    def forward_timed(self, layer: int, experts: list[int], counts: list[int], x: np.ndarray, dtype: str,
+                      trace: str = "") -> tuple[np.ndarray, float]:
+        """`forward` plus the seconds the experts computed (the router's `expert` stage)."""
+        t0 = time.perf_counter()
         with self._span(trace, layer, x.shape[0]):
             y = self.core.compute(layer, experts, counts, wire.from_numpy(x, dtype))
-        return wire.to_numpy(y)[0]
+        return wire.to_numpy(y)[0], time.perf_counter() - t0
 
     def _span(self, trace: str, layer: int, rows: int) -> Any:
         from expert_workers.telemetry import Span
@@ -235,10 +241,12 @@ class ExpertGroup:
         except KeyError as e:
             raise InvalidRequestError(field="header", problem=f"missing key {e}") from None
         x = wire.from_bytes(payload, dtype, shape)
+        t0 = time.perf_counter()
         with self._span(str(header.get("traceparent") or ""), int(layer), x.shape[0] if x.dim() else 0):
             y = self.core.compute(int(layer), list(experts), list(counts), x)
         data, name, shape = wire.to_bytes(y)
-        return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", [])}, data
+        return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", []),
+                "compute_s": time.perf_counter() - t0}, data
 
     def reset_collective(self) -> bool:
         """Tear down this process's torch.distributed state after its collective group broke.

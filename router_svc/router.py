@@ -433,7 +433,9 @@ class Router:
                 self._planned[version] = self._planned.get(version, 0) + 1
                 try:
                     with Span(self.tracer, "moe.router.dispatch", parent=trace, attributes={"moe.groups": len({p.group for p in batch.parts})}) as ds:
-                        y_ND, used = await self._dispatch(replace(batch, trace=ds.traceparent or trace))
+                        sent = replace(batch, trace=ds.traceparent or trace, stats={})
+                        y_ND, used = await self._dispatch(sent)
+                        expert_s = sent.stats.get("expert_s")
                     break
                 except GroupsDown as e:
                     # NOTE: retry at once on the other replicas; the health watch revives a group that answers again.
@@ -463,7 +465,7 @@ class Router:
                 if not r.future.done():
                     r.future.set_result(self._answer(r, out, a, used, len(reqs), mine))
             if m is not None:
-                self._record_batch(m, layer, reqs, assignments, degraded, used, t_start, t_gate, t_dispatched)
+                self._record_batch(m, layer, reqs, assignments, degraded, used, t_start, t_gate, t_dispatched, expert_s)
         except Exception as e:
             for r in reqs:
                 if not r.future.done():
@@ -472,7 +474,8 @@ class Router:
             self._batch_done(layer)
 
     def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[_Pending], assignments: list[Assignments],
-                      degraded: list[int], used: str, t_start: float, t_gate: float, t_dispatched: float) -> None:
+                      degraded: list[int], used: str, t_start: float, t_gate: float, t_dispatched: float,
+                      expert_s: float | None = None) -> None:
         r_ = {"router": self.name}
         now = time.perf_counter()
         for r in reqs:
@@ -480,6 +483,8 @@ class Router:
         m.stage.record(t_gate - t_start, {**r_, "stage": "gate"})
         m.stage.record(t_dispatched - t_gate, {**r_, "stage": "dispatch"})
         m.stage.record(now - t_dispatched, {**r_, "stage": "combine"})
+        if expert_s is not None:  # object store and gRPC report it; RDT does not
+            m.stage.record(expert_s, {**r_, "stage": "expert"})
         m.batch_requests.record(len(reqs), r_)
         m.batch_tokens.record(sum(int(r.x_TD.shape[0]) for r in reqs), r_)
         m.batches.add(1, {**r_, "transport": used})

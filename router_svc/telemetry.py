@@ -7,7 +7,8 @@ installed, to OTLP as well. Names as Prometheus shows them (counters get `_total
   moe_requests_total{status}                  moe_batches_total{transport}
   moe_tokens_total{layer,expert,outcome}      outcome: routed | degraded
   moe_tokens_dropped_total{layer}             moe_tokens_rerouted_total{layer}
-  moe_stage_seconds{stage}                    histogram; stage: queue | gate | dispatch | combine | total
+  moe_stage_seconds{stage}                    histogram; stage: queue | gate | dispatch | expert | combine | total
+                                              (expert: the slowest group's compute, object store and gRPC paths)
   moe_batch_requests, moe_batch_tokens        histograms
   moe_expert_replicas{layer,expert}           moe_groups, moe_groups_alive, moe_routing_table_version
   moe_failovers_total                         dispatches retried around a dead group
@@ -35,7 +36,7 @@ from expert_workers.telemetry import Span, TelemetryConfig, extract, inject, mak
 
 __all__ = ["RouterMetrics", "Span", "TelemetryConfig", "extract", "inject", "make_tracer"]
 
-STAGES = ("queue", "gate", "dispatch", "combine", "total")
+STAGES = ("queue", "gate", "dispatch", "expert", "combine", "total")
 SUPERVISOR_EVENTS = ("failover", "router_restart", "supervisor_restart", "replica_added", "replica_removed",
                      "group_requested", "group_added", "group_removed", "resources_requested")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -77,7 +78,7 @@ class RouterMetrics:
         self.tokens = m.create_counter("moe_tokens", description="token-expert assignments by layer, expert and outcome")
         self.dropped = m.create_counter("moe_tokens_dropped", description="assignments dropped by capacity")
         self.rerouted = m.create_counter("moe_tokens_rerouted", description="assignments rerouted by capacity")
-        self.stage = m.create_histogram("moe_stage_seconds", description="time per stage (queue, gate, dispatch, combine, total)")
+        self.stage = m.create_histogram("moe_stage_seconds", description="time per stage (queue, gate, dispatch, expert, combine, total)")
         self.batch_requests = m.create_histogram("moe_batch_requests", description="requests per dispatched batch")
         self.batch_tokens = m.create_histogram("moe_batch_tokens", description="tokens per dispatched batch")
         self.batches = m.create_counter("moe_batches", description="batches by the transport that carried them")

@@ -6,7 +6,7 @@ Legend: N rows of a merged batch, sorted by (group, local slot); D hidden.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +33,8 @@ class Batch:
     request_ids: tuple[str, ...] = ()
     # W3C traceparent of the dispatch span ('' when not traced); groups parent their compute span on it
     trace: str = ""
+    # filled by the transport: "expert_s", the slowest group's compute seconds (where the path reports it)
+    stats: dict = field(default_factory=dict, compare=False)
 
 
 class TransportError(MoEServeError):

@@ -37,6 +37,8 @@ class GrpcTransport(Transport):
                 raise InvalidRequestError(field="batch", problem=e.details() or "rejected by expert group") from None
             raise TransportError(transport=self.name, reason=f"{e.code().name}: {e.details()}") from e
         out_header, payload = data_grpc.decode_frame(reply)
+        if "compute_s" in out_header:
+            batch.stats["expert_s"] = max(batch.stats.get("expert_s", 0.0), float(out_header["compute_s"]))
         return wire.from_bytes(bytes(payload), out_header["dtype"], out_header["shape"])
 
     async def dispatch(self, batch: Batch) -> torch.Tensor:

@@ -17,7 +17,7 @@ class ObjectStoreTransport(Transport):
     async def dispatch(self, batch: Batch) -> torch.Tensor:
         x_np, dtype = wire.to_numpy(batch.x_ND)
         refs = [
-            self.groups[p.group].forward.remote(batch.layer, list(p.experts), list(p.counts), x_np[p.start : p.end], dtype, batch.trace)
+            self.groups[p.group].forward_timed.remote(batch.layer, list(p.experts), list(p.counts), x_np[p.start : p.end], dtype, batch.trace)
             for p in batch.parts
         ]
         results = await asyncio.gather(*refs, return_exceptions=True)
@@ -29,5 +29,7 @@ class ObjectStoreTransport(Transport):
                 raise r.as_instanceof_cause() from None
             if isinstance(r, BaseException):
                 raise TransportError(transport=self.name, reason=f"{type(r).__name__}: {r}") from r
-        outs = results
+        outs = [r[0] for r in results]
+        if results:
+            batch.stats["expert_s"] = max(r[1] for r in results)
         return torch.cat([wire.from_numpy(o, dtype) for o in outs]) if outs else batch.x_ND[:0].clone()

@@ -69,6 +69,9 @@ def test_metrics_add_up_and_a_trace_spans_router_and_groups(ray_local, tmp_path)
         assert routed == sent * 2 - dropped
         assert _total(m["moe_stage_seconds"], "moe_stage_seconds_count", stage="total") == 25
         assert _total(m["moe_stage_seconds"], "moe_stage_seconds_count", stage="queue") == 24
+        # the groups report their compute time on the gRPC path: one `expert` sample per batch
+        assert _total(m["moe_stage_seconds"], "moe_stage_seconds_count", stage="expert") == \
+            _total(m["moe_batches"], "moe_batches_total") > 0
         assert _total(m["moe_batches"], "moe_batches_total", transport="grpc") == _total(m["moe_batch_requests"], "moe_batch_requests_count") >= 1
         assert _total(m["moe_groups_alive"], "moe_groups_alive") == 3
         assert _total(m["moe_routing_table_version"], "moe_routing_table_version") == 1
