@@ -146,12 +146,12 @@ class Supervisor:
         """One tick. Returns the indices of the groups replaced in it."""
         with self._lock:
             replaced = self._heal_groups()
-            self._heal_routers()
+            reports = self._heal_routers()
             self._settle_pending()
             now = time.monotonic()
             if now - self._last_rebalance >= self.policy.rebalance_period_s:
                 self._last_rebalance = now
-                self._observe_load()
+                self._observe_load(reports)
                 changed = self._scale_groups()
                 changed = self._scale_replicas() or changed
                 shares = replica_shares(self._placement(), self.rates)
@@ -235,12 +235,14 @@ class Supervisor:
         log.warning("expert group %s replaced by %s", old, new_name)
 
     # -- routers ---------------------------------------------------------------
-    def _heal_routers(self) -> None:
+    def _heal_routers(self) -> dict[str, dict[str, Any]]:
+        """Re-create routers that died; returns the load reports of those that answered."""
+        reports: dict[str, dict[str, Any]] = {}
         for i, rname in enumerate(self.state["routers"]):
             actor = self._actor(rname)
             try:
                 if actor is not None:
-                    ray.get(actor.load.remote(), timeout=10)
+                    reports[rname] = ray.get(actor.load.remote(), timeout=10)
                     continue
             except ray.exceptions.GetTimeoutError:
                 continue  # busy, not dead
@@ -260,6 +262,7 @@ class Supervisor:
                 continue
             self._event("router_restart", router=rname, recovery_s=time.monotonic() - t0)
             self._save()
+        return reports
 
     def _restart_router(self, index: int, rname: str) -> None:
         from router_svc.router import Router
@@ -272,18 +275,12 @@ class Supervisor:
         self._handles[rname] = router
 
     # -- load ------------------------------------------------------------------
-    def _observe_load(self) -> None:
-        """Add the tokens every router routed since the last look to the window; rates over it."""
+    def _observe_load(self, reports: dict[str, dict[str, Any]]) -> None:
+        """Add the tokens every router routed since the last look (`reports`: this tick's) to the
+        window; rates over it."""
         now = time.monotonic()
         delta: dict[Slot, float] = {}
-        for rname in self.state["routers"]:
-            actor = self._actor(rname)
-            if actor is None:
-                continue
-            try:
-                report = ray.get(actor.load.remote(), timeout=10)
-            except Exception:
-                continue
+        for rname, report in reports.items():
             counts = {(int(l), e): int(n) for l, row in report["expert_tokens"].items() for e, n in enumerate(row)}
             last = self._last_counts.get(rname)
             self._last_counts[rname] = counts
@@ -324,8 +321,7 @@ class Supervisor:
                                min_rate=self.policy.min_rate)
         placement = self._placement()
         base = [_slots(b) for b in self.state["base"]]
-        retiring = {r["group"] for r in self.state["retiring"]}
-        usable = [g for g, n in enumerate(self.state["groups"]) if n not in retiring]
+        usable = list(range(len(self.state["groups"])))  # retiring groups have already left the list
         nodes = self._nodes()
         layers = sorted({l for slots in placement for l, e in slots})
         changed = False

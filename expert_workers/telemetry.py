@@ -76,6 +76,12 @@ class _JsonLinesExporter:
         return True
 
 
+def otlp_missing(cfg: TelemetryConfig) -> ConfigError:
+    """The error for an `otlp_endpoint` without the OTLP exporter package."""
+    return ConfigError(field="telemetry.otlp_endpoint", value=cfg.otlp_endpoint,
+                       expected="the OTLP exporter installed (pip install opentelemetry-exporter-otlp)")
+
+
 def make_tracer(cfg: TelemetryConfig | None, service: str) -> Any:
     """A tracer for this process, or None when tracing is off."""
     if cfg is None or not cfg.tracing:
@@ -93,8 +99,7 @@ def make_tracer(cfg: TelemetryConfig | None, service: str) -> Any:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as e:
-            raise ConfigError(field="telemetry.otlp_endpoint", value=cfg.otlp_endpoint,
-                              expected="the OTLP exporter installed (pip install opentelemetry-exporter-otlp)") from e
+            raise otlp_missing(cfg) from e
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=cfg.otlp_endpoint, insecure=True)))
     return provider.get_tracer("moe_serve")
 

@@ -201,7 +201,6 @@ class Router:
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "peak_in_flight": 0}
-        self.expert_tokens = torch.zeros((max(self.spec.moe_layers) + 1, self.spec.num_experts), dtype=torch.int64)
         self.usage = Usage(list(self.spec.moe_layers), self.spec.num_experts)
         self.tracer = make_tracer(telemetry, name)
         self.metrics: RouterMetrics | None = None
@@ -458,7 +457,6 @@ class Router:
             by = self.counters["by_transport"]
             by[used] = by.get(used, 0) + 1
             for i, (r, a) in enumerate(zip(reqs, assignments)):
-                self.expert_tokens[layer] += torch.bincount(a.expert_N, minlength=self.spec.num_experts)
                 self.usage.record(layer, a, r.token_ids)
                 out = out_TD[offsets[i] : offsets[i + 1]]
                 mine = tuple(t - offsets[i] for t in degraded if offsets[i] <= t < offsets[i + 1])
@@ -604,7 +602,7 @@ class Router:
             "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
             "rdt_owner": self.config.rdt_owner,
             "dead": sorted(self.dead),
-            "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers},
+            "expert_tokens": {int(l): self.usage.tokens[l].tolist() for l in self.spec.moe_layers},
         }
 
     async def service_status(self) -> dict[str, Any]:
@@ -620,7 +618,7 @@ class Router:
         uptime = max(time.monotonic() - self._started, 1e-9)
         experts = []
         for layer in self.spec.moe_layers:
-            counts = self.expert_tokens[layer].tolist()
+            counts = self.usage.tokens[layer].tolist()
             for e in range(self.spec.num_experts):
                 copies = table.replicas(layer, e)
                 experts.append({"layer": layer, "expert": e, "replicas": len(copies),
@@ -651,7 +649,7 @@ class Router:
         co-activation matrices and each expert's most frequent token ids (reports)."""
         out = {"name": self.name, "at": time.time(), "version": self.table.version,
                "oldest_in_flight": min(self._planned, default=self.table.version),
-               "expert_tokens": {int(l): self.expert_tokens[l].tolist() for l in self.spec.moe_layers}}
+               "expert_tokens": {int(l): self.usage.tokens[l].tolist() for l in self.spec.moe_layers}}
         if detail:
             snap = self.usage.snapshot()
             out.update(coactivation=snap["coactivation"], top_token_ids=snap["top_token_ids"],

@@ -31,8 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from expert_workers.errors import ConfigError
-from expert_workers.telemetry import Span, TelemetryConfig, extract, inject, make_tracer
+from expert_workers.telemetry import Span, TelemetryConfig, extract, inject, make_tracer, otlp_missing
 
 __all__ = ["RouterMetrics", "Span", "TelemetryConfig", "extract", "inject", "make_tracer"]
 
@@ -65,8 +64,7 @@ class RouterMetrics:
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
                 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
             except ImportError as e:
-                raise ConfigError(field="telemetry.otlp_endpoint", value=cfg.otlp_endpoint,
-                                  expected="the OTLP exporter installed (pip install opentelemetry-exporter-otlp)") from e
+                raise otlp_missing(cfg) from e
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=cfg.otlp_endpoint, insecure=True)))
         views = [View(instrument_name="moe_stage_seconds", aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS)),
                  View(instrument_name="moe_recovery_seconds", aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS)),
