@@ -20,7 +20,9 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
 }
-GROUPED_IMPLS = ("auto", "loop", "grouped_mm")
+GROUPED_IMPLS = ("auto", "loop", "onednn", "grouped_mm")
+# dtypes oneDNN's prepacked linear serves on CPU (float16 needs CPU features most machines lack).
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # below this many rows per expert the down projection's input is passed transposed (see _forward_loop).
 _SKINNY_ROWS = 32
 # from this many rows per expert (below _SKINNY_ROWS) the down projection runs as a^T @ W_out^T.
@@ -32,6 +34,28 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return _ACTIVATIONS[name]
     except KeyError:
         raise ConfigError(field="activation", value=name, expected=f"one of {tuple(_ACTIVATIONS)}") from None
+
+
+def onednn_available(dtype: torch.dtype) -> bool:
+    """torch was built with oneDNN and serves this dtype through its prepacked linear."""
+    return (dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _pack(w_OK: torch.Tensor) -> torch.Tensor:
+    """A (out, in) weight reordered once into oneDNN's blocked layout (no batch-size hint: fastest from 1 row up)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_OK.contiguous(), None)
+
+
+def _linear(x_nK: torch.Tensor, packed_OK: torch.Tensor) -> torch.Tensor:
+    """x (n, K) @ W^T with W prepacked by `_pack` -> (n, O)."""
+    return torch.ops.mkldnn._linear_pointwise(x_nK.contiguous(), packed_OK, None, "none", [], "")
+
+
+def _aligned(w: ExpertWeights) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    size = w.w_in.element_size()
+    return all((dim * size) % 16 == 0 for dim in w.w_out.shape)
 
 
 def _mlp_tail(h: torch.Tensor, act: Callable, gated: bool) -> torch.Tensor:
@@ -51,11 +75,14 @@ def ffn(x_ND: torch.Tensor, w: ExpertWeights, *, activation: str, gated: bool) -
 class GroupedExperts:
     """The experts of one group, stacked, run over rows sorted by expert.
 
-    Two implementations behind `impl`, both over one contiguous slice per expert:
-    `loop` runs one GEMM per expert with a non-empty slice (the readable reference,
-    and the fastest on CPU, measured in bench/local_engine.py); `grouped_mm` runs
-    torch's grouped GEMM kernel in one call (for CUDA). `auto` picks `grouped_mm`
-    on CUDA and `loop` elsewhere.
+    Three implementations behind `impl`, all over one contiguous slice per expert:
+    `loop` runs one MKL GEMM per expert with a non-empty slice (the readable reference);
+    `onednn` runs the same loop on weights prepacked once for oneDNN's blocked GEMM
+    (CPU, float32/bfloat16): 1.4-3.6x faster than MKL here at every row count (1 row:
+    2.7 vs 4.7 ms, 8 rows: 3.8 vs 13.9 ms, 1024 rows: 208 vs 520 ms for 4 Mixtral-shaped
+    up projections on one thread, bench/local_engine.py); `grouped_mm` runs torch's
+    grouped GEMM kernel in one call (CUDA). `auto` picks `grouped_mm` on CUDA,
+    `onednn` on CPU where torch has it, else `loop`.
     """
 
     def __init__(
@@ -70,30 +97,36 @@ class GroupedExperts:
             raise ConfigError(field="impl", value=impl, expected=f"one of {GROUPED_IMPLS}")
         if not experts:
             raise ConfigError(field="experts", value=[], expected="at least one expert")
-        self.w_in_EFD = torch.stack([e.w_in for e in experts])  # (E_l, 2I or I, D)
-        self.w_out_EDI = torch.stack([e.w_out for e in experts])  # (E_l, D, I)
         self.act = activation_fn(activation)
         self.gated = gated
+        w = experts[0].w_in
+        self._num, self._device, self._dtype = len(experts), w.device, w.dtype
         if impl == "auto":
-            impl = "grouped_mm" if self.w_in_EFD.is_cuda and hasattr(F, "grouped_mm") and self._aligned() else "loop"
+            if w.is_cuda:
+                impl = "grouped_mm" if hasattr(F, "grouped_mm") and _aligned(experts[0]) else "loop"
+            else:
+                impl = "onednn" if onednn_available(w.dtype) else "loop"
+        if impl == "onednn":
+            if w.is_cuda or not onednn_available(w.dtype):
+                raise ConfigError(field="impl", value=impl, expected=f"'onednn' only on CPU with torch's oneDNN and dtype in {_ONEDNN_DTYPES}")
+            # NOTE: only the packed copies are kept: the dense stacks would double the group's memory.
+            self._packed = [(_pack(e.w_in), _pack(e.w_out)) for e in experts]
+        else:
+            self.w_in_EFD = torch.stack([e.w_in for e in experts])  # (E_l, 2I or I, D)
+            self.w_out_EDI = torch.stack([e.w_out for e in experts])  # (E_l, D, I)
         self.impl = impl
-
-    def _aligned(self) -> bool:
-        """grouped_mm needs every row stride to be a multiple of 16 bytes."""
-        size = self.w_in_EFD.element_size()
-        return all((dim * size) % 16 == 0 for dim in self.w_out_EDI.shape[1:])
 
     @property
     def num_experts(self) -> int:
-        return self.w_in_EFD.shape[0]
+        return self._num
 
     @property
     def device(self) -> torch.device:
-        return self.w_in_EFD.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.w_in_EFD.dtype
+        return self._dtype
 
     def forward(self, x_ND: torch.Tensor, counts_E: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Rows of x sorted by local expert, `counts_E[e]` rows for expert e -> (N, D).
@@ -106,7 +139,21 @@ class GroupedExperts:
             raise ValueError(f"counts {counts} do not cover {x_ND.shape[0]} rows over {self.num_experts} experts")
         if self.impl == "grouped_mm":
             return self._forward_grouped_mm(x_ND, counts)
+        if self.impl == "onednn":
+            return self._forward_onednn(x_ND, counts)
         return self._forward_loop(x_ND, counts)
+
+    def _forward_onednn(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        out_ND = x_ND.new_empty(x_ND.shape)
+        start = 0
+        for (w_in, w_out), n in zip(self._packed, counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            h_nF = _linear(x_ND[rows], w_in)
+            out_ND[rows] = _linear(_mlp_tail(h_nF, self.act, self.gated), w_out)
+            start += n
+        return out_ND
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # NOTE: computed transposed, h^T = W @ B^T with B row-major (n, K) passed as its

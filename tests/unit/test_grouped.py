@@ -1,4 +1,4 @@
-"""GroupedExperts ('loop' and 'grouped_mm') against a plain per-row reference.
+"""GroupedExperts ('loop', 'onednn' and 'grouped_mm') against a plain per-row reference.
 
 The reference walks the rows one at a time, finds each row's expert from the
 counts, and computes act(x W_gate^T) * (x W_up^T) W_down^T (or act(x W_in^T)
@@ -12,16 +12,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from expert_workers.errors import ConfigError
-from expert_workers.ffn import GroupedExperts, ffn
+from expert_workers.ffn import GroupedExperts, ffn, onednn_available
 from expert_workers.weights import ExpertWeights
 
 pytestmark = pytest.mark.unit
 
 D, I = 16, 8
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-IMPLS = ("loop", "grouped_mm")
+IMPLS = ("loop", "onednn", "grouped_mm")
 COUNTS = [
     [3, 0, 2, 0, 4],   # zero-row experts in the middle and at the end
     [0, 5, 0, 0, 1],   # zero-row expert first
@@ -102,6 +103,10 @@ def test_low_precision_close_to_float32_reference(impl: str, dtype: torch.dtype,
     counts = [6, 0, 9, 0, 5, 12]
     experts = make_experts(len(counts), gated, seed=7)
     x = make_x(sum(counts), seed=7)
+    if impl == "onednn" and not onednn_available(dtype):
+        with pytest.raises(ConfigError, match="'impl'"):
+            GroupedExperts([e.to(dtype=dtype) for e in experts], activation=activation, gated=gated, impl=impl)
+        return
     g = GroupedExperts([e.to(dtype=dtype) for e in experts], activation=activation, gated=gated, impl=impl)
     assert g.dtype == dtype
     y = g.forward(x.to(dtype), counts)
@@ -145,6 +150,28 @@ def test_unknown_impl_and_activation_are_config_errors() -> None:
         GroupedExperts([], activation="silu", gated=True)
 
 
-def test_auto_picks_loop_on_cpu() -> None:
-    g = GroupedExperts(make_experts(2, True, seed=0), activation="silu", gated=True, impl="auto")
-    assert g.impl == "loop"
+def test_auto_picks_onednn_on_cpu_where_torch_has_it() -> None:
+    experts = make_experts(2, True, seed=0)
+    g = GroupedExperts(experts, activation="silu", gated=True, impl="auto")
+    assert g.impl == ("onednn" if onednn_available(torch.float32) else "loop")
+    assert (g.num_experts, g.device, g.dtype) == (2, torch.device("cpu"), torch.float32)
+    if not onednn_available(torch.float16):
+        g16 = GroupedExperts([e.to(dtype=torch.float16) for e in experts], activation="silu", gated=True, impl="auto")
+        assert g16.impl == "loop"
+
+
+@pytest.mark.skipif(not onednn_available(torch.float32), reason="torch built without oneDNN")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 17, 64, 333])
+def test_onednn_equals_the_reference_at_realistic_sizes(rows: int) -> None:
+    """Blocked-layout edge cases: widths that are not multiples of the blocks, every row count class."""
+    g = torch.Generator().manual_seed(rows)
+    d, i = 200, 352
+    experts = [ExpertWeights(w_in=torch.randn(2 * i, d, generator=g) * d**-0.5, w_out=torch.randn(d, i, generator=g) * i**-0.5)
+               for _ in range(3)]
+    counts = [rows, 0, rows // 2 + 1]
+    x = torch.randn(sum(counts), d, generator=g)
+    y = GroupedExperts(experts, activation="silu", gated=True, impl="onednn").forward(x, counts)
+    ref = torch.cat([
+        (F.silu(x[s].double() @ e.w_in[:i].double().T) * (x[s].double() @ e.w_in[i:].double().T)) @ e.w_out.double().T
+        for s, e in [(slice(0, rows), experts[0]), (slice(rows, sum(counts)), experts[2])]])
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
