@@ -7,7 +7,10 @@ Engines, all on one `ray.init(num_cpus=8)` with node IP 127.0.0.1, timed alterna
   local_moe         LocalMoE in the driver process (the reference);
   moe[<transport>]  cluster.deploy (2 expert groups, 1 router, 1 CPU each), one deployment,
                     its transport switched with Router.set_transport: object_store, grpc,
-                    rdt (gloo on CPU) and auto (re-measured on every switch back to auto);
+                    rdt (gloo on CPU) and auto (re-measured on every switch back to auto),
+                    called from the driver through `Deployment.forward` (a Ray actor call);
+  moe[auto] gRPC API  the same deployment with `auto`, called as an outside client would,
+                    `MoEClient` over the router's gRPC gateway;
   naive_ray         one plain Ray actor per expert; the driver runs the gate and makes one
                     actor call per expert hit per request through the object store, then combines;
   ray_serve         a Ray Serve router deployment that runs the gate and fans out to 2 expert
@@ -151,6 +154,27 @@ class DeploymentEngine(Engine):
 
         out = self.dep.forward_output(x, LAYER)
         return wire.from_numpy(out.hidden_states, out.dtype).clone(), {"transport_used": out.transport}
+
+
+class GatewayEngine(DeploymentEngine):
+    """The same deployment called as an outside client would: `MoEClient` over the router's gRPC gateway."""
+
+    def __init__(self, dep: Any, mode: str, state: dict[str, Any]) -> None:
+        from router_svc.client import MoEClient
+
+        super().__init__(dep, mode, state)
+        self.name = f"moe[{mode}] gRPC API"
+        self.client = MoEClient(dep.gateway_addresses[0])
+
+    def call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.client.forward(x, LAYER)
+
+    def check(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        r = self.client.forward_response(x, LAYER)
+        from expert_workers import wire
+
+        h = r.hidden_states
+        return wire.from_bytes(h.data, h.dtype, list(h.shape)).clone(), {"transport_used": r.transport}
 
 
 class NaiveExpert:
@@ -457,7 +481,7 @@ def run(args: argparse.Namespace) -> dict:
             result["placement"] = placement
             serve_engine = ServeEngine(tmp, args.serve_max_ongoing, placement)
             result["startup_s"]["ray_serve"] = time.perf_counter() - t0
-            deployments = [DeploymentEngine(dep, m, state) for m in MODES]
+            deployments = [DeploymentEngine(dep, m, state) for m in MODES] + [GatewayEngine(dep, "auto", state)]
             engines: list[Engine] = [LocalEngine(moe), *deployments, naive, serve_engine]
 
             print("correctness vs LocalMoE (relative error):")
@@ -485,7 +509,7 @@ def run(args: argparse.Namespace) -> dict:
                     result[f"latency_{clients}"] = _latency(engines, inputs, clients, args.requests, args.budget_s, args.rounds, pool)
             result["foreign_cpu"] = _foreign(cpu0, _cpu_snapshot())
             result["deployment_status"] = dep.status()
-            result["auto_chains"] = deployments[-1].chains
+            result["auto_chains"] = [c for d in deployments if d.mode == "auto" for c in d.chains]
             result["auto_measured_ms"] = state.get("auto_measured_ms", [])
             result["engines"] = [{"name": e.name, "kind": e.kind} for e in engines]
         finally:
@@ -602,7 +626,8 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
         f"driver), `moe[...]` (one `cluster.deploy`: {d['expert_groups']} expert groups, {d['routers']} router, "
         f"{d['group_cpus']:g} CPU per group, `batch_max_tokens` {d['batch_max_tokens']} / `batch_max_wait_us` "
         f"{d['batch_max_wait_us']}{' (library default)' if c['batch_wait_us'] is None else ''}; transport switched with "
-        "`Router.set_transport`), `naive_ray` "
+        "`Router.set_transport`; called through `Deployment.forward`, a Ray actor call), `moe[auto] gRPC API` (the same "
+        "deployment called as an outside client would: `MoEClient` over the router's gRPC gateway), `naive_ray` "
         "(one Ray actor per expert, gate in the driver, one call per expert hit), `ray_serve` (a Serve router deployment "
         f"fanning out with `await handle.remote()` to {GROUPS} expert deployments with the same placement, "
         f"`max_ongoing_requests={c['serve_max_ongoing']}`, no `@serve.batch`). All compute experts with the same kernel, "

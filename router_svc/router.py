@@ -337,9 +337,13 @@ class Router:
                 raise
             finally:
                 _REQUEST_TRACE.reset(token)
-                if self.metrics is not None:
-                    self.metrics.requests.add(1, {"router": self.name, "status": status})
-                    self.metrics.stage.record(time.perf_counter() - t0, {"router": self.name, "stage": "total"})
+                if self.metrics is not None:  # recorded once the answer has left (see _run_batch_in)
+                    asyncio.get_running_loop().call_soon(self._count_request, status, time.perf_counter() - t0)
+
+    def _count_request(self, status: str, seconds: float) -> None:
+        assert self.metrics is not None
+        self.metrics.requests.add(1, {"router": self.name, "status": status})
+        self.metrics.stage.record(seconds, {"router": self.name, "stage": "total"})
 
     async def _admit(
         self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
@@ -457,13 +461,15 @@ class Router:
             by = self.counters["by_transport"]
             by[used] = by.get(used, 0) + 1
             for i, (r, a) in enumerate(zip(reqs, assignments)):
-                self.usage.record(layer, a, r.token_ids)
                 out = out_TD[offsets[i] : offsets[i + 1]]
                 mine = tuple(t - offsets[i] for t in degraded if offsets[i] <= t < offsets[i + 1])
                 if not r.future.done():
                     r.future.set_result(self._answer(r, out, a, used, len(reqs), mine))
-            if m is not None:
-                self._record_batch(m, layer, reqs, assignments, degraded, used, t_start, t_gate, t_dispatched, expert_s)
+            # NOTE: the books are kept after the answers leave, not before: the callbacks queued by
+            # set_result run first, and this still runs before the loop takes any new call (a `load()`
+            # sent after an answer arrived sees it counted).
+            asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
+                                                 (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
         except Exception as e:
             for r in reqs:
                 if not r.future.done():
@@ -471,29 +477,33 @@ class Router:
         finally:
             self._batch_done(layer)
 
+    def _keep_books(self, layer: int, reqs: list[_Pending], assignments: list[Assignments], degraded: list[int], used: str,
+                    times: tuple[float, float, float, float, float | None]) -> None:
+        """Usage counters and batch metrics of an answered batch."""
+        counts_E = sum(self.usage.record(layer, a, r.token_ids) for r, a in zip(reqs, assignments))
+        if self.metrics is not None:
+            self._record_batch(self.metrics, layer, reqs, assignments, counts_E, degraded, used, *times)
+
     def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[_Pending], assignments: list[Assignments],
-                      degraded: list[int], used: str, t_start: float, t_gate: float, t_dispatched: float,
-                      expert_s: float | None = None) -> None:
+                      counts_E: torch.Tensor, degraded: list[int], used: str, t_start: float, t_gate: float, t_dispatched: float,
+                      t_answered: float, expert_s: float | None = None) -> None:
         r_ = {"router": self.name}
-        now = time.perf_counter()
         for r in reqs:
             m.stage.record(t_start - r.t_enq, {**r_, "stage": "queue"})
         m.stage.record(t_gate - t_start, {**r_, "stage": "gate"})
         m.stage.record(t_dispatched - t_gate, {**r_, "stage": "dispatch"})
-        m.stage.record(now - t_dispatched, {**r_, "stage": "combine"})
+        m.stage.record(t_answered - t_dispatched, {**r_, "stage": "combine"})
         if expert_s is not None:  # object store and gRPC report it; RDT does not
             m.stage.record(expert_s, {**r_, "stage": "expert"})
         m.batch_requests.record(len(reqs), r_)
         m.batch_tokens.record(sum(int(r.x_TD.shape[0]) for r in reqs), r_)
         m.batches.add(1, {**r_, "transport": used})
-        counts = torch.zeros(self.spec.num_experts, dtype=torch.int64)
         for a in assignments:
-            counts += torch.bincount(a.expert_N, minlength=self.spec.num_experts)
             if a.dropped:
                 m.dropped.add(int(a.dropped), {**r_, "layer": str(layer)})
             if a.rerouted:
                 m.rerouted.add(int(a.rerouted), {**r_, "layer": str(layer)})
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(counts_E.tolist()):
             if n:
                 m.tokens.add(n, {**r_, "layer": str(layer), "expert": str(e), "outcome": "routed"})
         if degraded:
