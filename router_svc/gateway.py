@@ -8,7 +8,6 @@ by an interceptor; TLS and mutual TLS come from certificate files.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
@@ -119,14 +118,14 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
             ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
             traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
-            call = self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
-                                              traceparent=traceparent)
-            remaining = context.time_remaining()
-            out = await (asyncio.wait_for(call, timeout=remaining) if remaining is not None else call)
+            # NOTE: no wait_for on the deadline: gRPC cancels this handler's task when the call's
+            # deadline passes or the client goes away (the answer would be DEADLINE_EXCEEDED either way).
+            out = await self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
+                                                   traceparent=traceparent)
             return _response(out)
-        except (MoEServeError, asyncio.TimeoutError) as e:
-            # NOTE: drop the traceback: under wait_for the task holds the error and the error's frames
-            # hold the task, a cycle keeping this request's tensor and token ids until a full collection.
+        except MoEServeError as e:
+            # NOTE: drop the traceback: the error's frames hold the request's tensor and token ids, and
+            # anything keeping the error (a task, a cycle) would keep them until a full collection.
             e.__traceback__ = None
             _fail(context, _failure(e))
             return pb.ForwardResponse()
@@ -192,8 +191,6 @@ def _failure(e: BaseException) -> _Failure:
         return _Failure(code=grpc.StatusCode.RESOURCE_EXHAUSTED, message=str(e), quota_subject=e.limit)
     if isinstance(e, ExpertUnavailableError):
         return _Failure(code=grpc.StatusCode.UNAVAILABLE, message=str(e))
-    if isinstance(e, asyncio.TimeoutError):
-        return _Failure(code=grpc.StatusCode.DEADLINE_EXCEEDED, message="deadline exceeded inside the service")
     return _Failure(code=grpc.StatusCode.FAILED_PRECONDITION, message=str(e))
 
 

@@ -17,7 +17,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Coroutine, Sequence
 
 import numpy as np
 import torch
@@ -365,39 +365,48 @@ class Router:
         self._inflight_tokens += tokens
         self._inflight_requests += 1
         try:
-            self._enqueue(layer, _Pending(x_TD, tuple(t.shape), wire.dtype_name(t.dtype), ids, return_routing, request_id, fut))
+            alone = self._enqueue(layer, _Pending(x_TD, tuple(t.shape), wire.dtype_name(t.dtype), ids, return_routing, request_id, fut))
+            if alone is not None:
+                await alone
             return await fut
         finally:
             self._inflight_tokens -= tokens
             self._inflight_requests -= 1
 
-    def _enqueue(self, layer: int, p: _Pending) -> None:
+    def _enqueue(self, layer: int, p: _Pending) -> Coroutine[Any, Any, None] | None:
         """Queue a request. A batch of its layer leaves when it is full; at once when none of its
         layer is in flight (an idle router adds no wait); `batch_max_wait_us` after its first
-        request while fewer than `batch_max_in_flight` are; else when one in flight finishes."""
+        request while fewer than `batch_max_in_flight` are; else when one in flight finishes.
+
+        A batch of this request alone that leaves at once is returned for the caller to run
+        in its own task (one task and loop turn fewer on an idle router's path)."""
         p.trace = p.trace or _REQUEST_TRACE.get()
         self._queues.setdefault(layer, []).append(p)
         self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
         in_flight = self._in_flight.get(layer, 0)
         full = self._queued_tokens[layer] >= self.config.batch_max_tokens
         if full or not in_flight:
-            self._flush(layer)
+            return self._flush(layer, inline=len(self._queues[layer]) == 1)
         elif in_flight < self.config.batch_max_in_flight and layer not in self._timers:
             if self.config.batch_max_wait_us == 0:
                 self._flush(layer)
             else:
                 self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self._flush, layer)
 
-    def _flush(self, layer: int) -> None:
+    def _flush(self, layer: int, inline: bool = False) -> Coroutine[Any, Any, None] | None:
         timer = self._timers.pop(layer, None)
         if timer is not None:
             timer.cancel()
         reqs = self._queues.pop(layer, [])
         self._queued_tokens[layer] = 0
-        if reqs:
-            self._in_flight[layer] = self._in_flight.get(layer, 0) + 1
-            self.counters["peak_in_flight"] = max(self.counters["peak_in_flight"], self._in_flight[layer])
-            asyncio.get_running_loop().create_task(self._run_batch(layer, reqs))
+        if not reqs:
+            return None
+        self._in_flight[layer] = self._in_flight.get(layer, 0) + 1
+        self.counters["peak_in_flight"] = max(self.counters["peak_in_flight"], self._in_flight[layer])
+        if inline:
+            return self._run_batch(layer, reqs)
+        asyncio.get_running_loop().create_task(self._run_batch(layer, reqs))
+        return None
 
     def _batch_done(self, layer: int) -> None:
         """A batch of `layer` finished: what queued behind it goes now (batching while busy)."""
