@@ -24,9 +24,8 @@ import torch
 
 from expert_workers import data_grpc, wire
 from expert_workers.errors import ConfigError, InvalidRequestError
-from expert_workers.ffn import GroupedExperts, ffn
+from expert_workers.ffn import GroupedExperts
 from expert_workers.source import SourceSpec, open_source
-from expert_workers.weights import SharedWeights
 
 # expert id of a layer's shared experts when they are hosted as a slot.
 SHARED = -1
@@ -44,7 +43,7 @@ def local_order(experts: Sequence[int]) -> list[int]:
 class _LayerSlots:
     experts: list[int]  # local order
     grouped: GroupedExperts | None
-    shared: SharedWeights | None
+    shared: GroupedExperts | None  # the shared experts' FFN, one "expert"
 
 
 class GroupCore:
@@ -81,7 +80,7 @@ class GroupCore:
             sw = self._src.shared(layer)
             if sw is None:
                 raise ConfigError(field="slots", value=(layer, SHARED), expected=f"a shared-expert slot only on a model with shared experts (layer {layer} has no shared experts)")
-            shared = SharedWeights(ffn=sw.ffn.to(dtype=self.dtype, device=self.device), gate=None)
+            shared = GroupedExperts([sw.ffn.to(dtype=self.dtype, device=self.device)], activation=self.spec.activation, gated=self.spec.gated)
         return _LayerSlots(experts=order, grouped=grouped, shared=shared)
 
     def set_slots(self, slots: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -136,7 +135,7 @@ class GroupCore:
             if split:
                 out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
             if split < x.shape[0]:
-                out[split:] = ffn(x[split:], ls.shared.ffn, activation=self.spec.activation, gated=self.spec.gated)  # type: ignore[union-attr]
+                out[split:] = ls.shared.forward(x[split:], [x.shape[0] - split])  # type: ignore[union-attr]
             dt = time.perf_counter() - t0
         with self._lock:
             for e, c in zip(experts, counts):

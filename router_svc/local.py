@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from expert_workers.checkpoint import HFCheckpoint
-from expert_workers.ffn import GroupedExperts, ffn
+from expert_workers.ffn import GroupedExperts
 from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RandomWeights, RouterWeights, SharedWeights, WeightSource
 from router_svc import admission
@@ -35,11 +35,29 @@ class RoutingReport:
     stats: RoutingStats
 
 
+class SharedExperts:
+    """A layer's shared experts, ready to run on every token: the FFN through the same grouped
+    compute as routed experts (prepacked weights on CPU), sigmoid-gated when the model says so."""
+
+    def __init__(self, weights: SharedWeights, spec: MoESpec, *, dtype: torch.dtype, device: torch.device | str,
+                 impl: str = "auto") -> None:
+        self.ffn = GroupedExperts([weights.ffn.to(dtype=dtype, device=device)], activation=spec.activation,
+                                  gated=spec.gated, impl=impl)
+        self.gate = None if weights.gate is None else weights.gate.to(device=device, dtype=dtype)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (T, D)."""
+        y = self.ffn.forward(x_TD, [x_TD.shape[0]])
+        if self.gate is not None:
+            y = torch.sigmoid(F.linear(x_TD, self.gate)) * y
+        return y
+
+
 @dataclass(frozen=True)
 class _Layer:
     router: RouterWeights
     experts: GroupedExperts
-    shared: SharedWeights | None
+    shared: SharedExperts | None
 
 
 class LocalMoE:
@@ -83,13 +101,14 @@ class LocalMoE:
         if layer not in self._layers:
             experts = [self.source.expert(layer, e) for e in range(self.spec.num_experts)]
             dtype = self.dtype or experts[0].w_in.dtype
+            shared = self.source.shared(layer)
             self._layers[layer] = _Layer(
                 router=self.source.router(layer),
                 experts=GroupedExperts(
                     [e.to(dtype=dtype, device=self.device) for e in experts],
                     activation=self.spec.activation, gated=self.spec.gated, impl=self.impl,
                 ),
-                shared=_shared_to(self.source.shared(layer), dtype, self.device),
+                shared=None if shared is None else SharedExperts(shared, self.spec, dtype=dtype, device=self.device, impl=self.impl),
             )
         return self._layers[layer]
 
@@ -146,20 +165,5 @@ class LocalMoE:
         y_ND = lw.experts.forward(gather_rows(x_TD, plan), plan.counts_E)
         out_TD = combine(y_ND, plan, x_TD.shape[0])
         if lw.shared is not None:
-            out_TD += shared_forward(x_TD, lw.shared, self.spec)
+            out_TD += lw.shared.forward(x_TD)
         return out_TD, assignments
-
-
-def shared_forward(x_TD: torch.Tensor, shared: SharedWeights, spec: MoESpec) -> torch.Tensor:
-    """Shared experts over every token: (T, D) -> (T, D), sigmoid-gated when the model says so."""
-    y = ffn(x_TD, shared.ffn, activation=spec.activation, gated=spec.gated)
-    if shared.gate is not None:
-        y = torch.sigmoid(F.linear(x_TD, shared.gate)) * y
-    return y
-
-
-def _shared_to(shared: SharedWeights | None, dtype: torch.dtype, device: torch.device) -> SharedWeights | None:
-    if shared is None:
-        return None
-    gate = None if shared.gate is None else shared.gate.to(device=device, dtype=dtype)
-    return SharedWeights(ffn=shared.ffn.to(dtype=dtype, device=device), gate=gate)

@@ -27,12 +27,12 @@ from expert_workers import wire
 from expert_workers.errors import BackPressureError, ConfigError, ExpertUnavailableError, InvalidRequestError
 from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
-from expert_workers.weights import RouterWeights, SharedWeights
+from expert_workers.weights import RouterWeights
 from router_svc import admission
 from router_svc.config import DataPlaneConfig
 from router_svc.dispatch import plan_rows
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
-from router_svc.local import shared_forward
+from router_svc.local import SharedExperts
 from router_svc.table import RoutingTable, layer_orders
 from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, make_tracer
 from router_svc.usage import Usage
@@ -170,14 +170,14 @@ class Router:
         self.spec: MoESpec = src.spec if routing is None else replace(src.spec, routing=routing)
         self.compute_dtype = wire.DTYPES[config.dtype]
         self.gates: dict[int, RouterWeights] = {layer: src.router(layer) for layer in self.spec.moe_layers}
-        self.shared: dict[int, SharedWeights] = {}
+        self.shared: dict[int, SharedExperts] = {}
         self.shared_gates: dict[int, torch.Tensor] = {}
         for layer in self.spec.moe_layers:
             sw = src.shared(layer)
             if sw is None:
                 continue
             if config.shared_experts == "router":
-                self.shared[layer] = SharedWeights(ffn=sw.ffn.to(dtype=self.compute_dtype), gate=None if sw.gate is None else sw.gate.to(self.compute_dtype))
+                self.shared[layer] = SharedExperts(sw, self.spec, dtype=self.compute_dtype, device="cpu")
             elif sw.gate is not None:
                 self.shared_gates[layer] = sw.gate.float()
         self.table = table
@@ -200,7 +200,8 @@ class Router:
         self._table_changed = asyncio.Event()
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
-        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "peak_in_flight": 0}
+        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {},
+                                         "peak_in_flight": 0}
         self.usage = Usage(list(self.spec.moe_layers), self.spec.num_experts)
         self.tracer = make_tracer(telemetry, name)
         self.metrics: RouterMetrics | None = None
@@ -465,7 +466,7 @@ class Router:
             t_dispatched = time.perf_counter()
             out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
             if layer in self.shared:
-                out_TD += shared_forward(x_all, self.shared[layer], self.spec)
+                out_TD += self.shared[layer].forward(x_all)
             self.counters["batches"] += 1
             by = self.counters["by_transport"]
             by[used] = by.get(used, 0) + 1
@@ -574,7 +575,12 @@ class Router:
         return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes, degraded
 
     async def _dispatch(self, batch: Batch) -> tuple[torch.Tensor, str]:
-        """Try the transports of the chain in order, per batch; the first that answers wins."""
+        """Try the transports of the chain in order, per batch; the first that answers wins.
+
+        A batch served by any but the chain's first transport counts as a fallback, whether the
+        preferred one failed on this batch or was skipped as known broken (a collective group
+        being rebuilt); `fallbacks_by_from` says which transport was left.
+        """
         errors = []
         for i, tname in enumerate(self.chain):
             t = self.transports[tname]
@@ -582,8 +588,10 @@ class Router:
                 continue
             try:
                 y = await t.dispatch(batch)
-                if i > 0 or errors:
-                    self.counters["fallbacks"] += 1 if errors else 0
+                if i > 0:
+                    self.counters["fallbacks"] += 1
+                    by = self.counters["fallbacks_by_from"]
+                    by[self.chain[0]] = by.get(self.chain[0], 0) + 1
                 return y, tname
             except GroupsDown:
                 raise
@@ -616,7 +624,8 @@ class Router:
             "chain": list(self.chain),
             "measured_ms": dict(self.measured_ms),
             "routing_table_version": self.table.version,
-            "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"])},
+            "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"]),
+                         "fallbacks_by_from": dict(self.counters["fallbacks_by_from"])},
             "rdt_rebuilds": getattr(rdt, "rebuilds", 0),
             "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
             "rdt_owner": self.config.rdt_owner,

@@ -180,6 +180,10 @@ def test_rdt_falls_back_then_rebuilds_its_collective_group(ray_local, random_spe
             time.sleep(0.2)
         status = ray.get(dep.routers[0].status.remote())
         assert status["rdt_ready"] and status["rdt_rebuilds"] >= 2
+        # every batch not carried by RDT (first in the chain) is a fallback: failed over, or skipped while broken
+        c = status["counters"]
+        assert c["fallbacks"] == c["batches"] - c["by_transport"].get("rdt", 0) > 0, c
+        assert c["fallbacks_by_from"] == {"rdt": c["fallbacks"]}, c
     finally:
         dep.shutdown()
 
