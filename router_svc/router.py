@@ -203,6 +203,7 @@ class Router:
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {},
                                          "peak_in_flight": 0}
         self.usage = Usage(list(self.spec.moe_layers), self.spec.num_experts)
+        self.degraded_tokens = {layer: 0 for layer in self.spec.moe_layers}  # answered without one of their experts
         self.tracer = make_tracer(telemetry, name)
         self.metrics: RouterMetrics | None = None
         if telemetry is not None and (telemetry.prometheus_port is not None or telemetry.otlp_endpoint):
@@ -490,12 +491,14 @@ class Router:
     def _keep_books(self, layer: int, reqs: list[_Pending], assignments: list[Assignments], degraded: list[int], used: str,
                     times: tuple[float, float, float, float, float | None]) -> None:
         """Usage counters and batch metrics of an answered batch."""
-        counts_E = sum(self.usage.record(layer, a, r.token_ids) for r, a in zip(reqs, assignments))
+        for r, a in zip(reqs, assignments):
+            self.usage.record(layer, a, r.token_ids)
+        self.degraded_tokens[layer] += len(degraded)
         if self.metrics is not None:
-            self._record_batch(self.metrics, layer, reqs, assignments, counts_E, degraded, used, *times)
+            self._record_batch(self.metrics, layer, reqs, assignments, used, *times)
 
     def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[_Pending], assignments: list[Assignments],
-                      counts_E: torch.Tensor, degraded: list[int], used: str, t_start: float, t_gate: float, t_dispatched: float,
+                      used: str, t_start: float, t_gate: float, t_dispatched: float,
                       t_answered: float, expert_s: float | None = None) -> None:
         r_ = {"router": self.name}
         for r in reqs:
@@ -513,11 +516,6 @@ class Router:
                 m.dropped.add(int(a.dropped), {**r_, "layer": str(layer)})
             if a.rerouted:
                 m.rerouted.add(int(a.rerouted), {**r_, "layer": str(layer)})
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                m.tokens.add(n, {**r_, "layer": str(layer), "expert": str(e), "outcome": "routed"})
-        if degraded:
-            m.tokens.add(len(degraded), {**r_, "layer": str(layer), "expert": "*", "outcome": "degraded"})
 
     def _metric_state(self) -> dict[str, Any]:
         """What the scrape-time gauges read (called on the exporter's thread: plain reads only)."""
@@ -525,7 +523,7 @@ class Router:
         replicas = {str(l): table.lookup_alive(l, dead)[2][: self.spec.num_experts].tolist() for l in self.spec.moe_layers}
         usage = {str(l): (self.usage.tokens[l].tolist(), self.usage.prob_sums[l].tolist(), self.usage.seen[l]) for l in self.spec.moe_layers}
         return {"replicas": replicas, "groups": len(table.groups), "groups_alive": len(table.groups) - len(dead),
-                "version": table.version, "usage": usage}
+                "version": table.version, "usage": usage, "degraded": {str(l): n for l, n in self.degraded_tokens.items()}}
 
     def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
         gate = self.gates[layer]

@@ -73,7 +73,6 @@ class RouterMetrics:
         self.provider = MeterProvider(resource=Resource.create({"service.name": "moe-serve"}), metric_readers=readers, views=views)
         m = self.provider.get_meter("moe_serve")
         self.requests = m.create_counter("moe_requests", description="requests answered, by gRPC-style status")
-        self.tokens = m.create_counter("moe_tokens", description="token-expert assignments by layer, expert and outcome")
         self.dropped = m.create_counter("moe_tokens_dropped", description="assignments dropped by capacity")
         self.rerouted = m.create_counter("moe_tokens_rerouted", description="assignments rerouted by capacity")
         self.stage = m.create_histogram("moe_stage_seconds", description="time per stage (queue, gate, dispatch, expert, combine, total)")
@@ -92,14 +91,23 @@ class RouterMetrics:
         for kind in SUPERVISOR_EVENTS:
             self.scaling.add(0, {**base, "kind": kind})
 
-        def gauge(name: str, description: str, read: Callable[[dict[str, Any]], Iterator[tuple[float, dict[str, Any]]]]) -> None:
+        def gauge(name: str, description: str, read: Callable[[dict[str, Any]], Iterator[tuple[float, dict[str, Any]]]],
+                  create: Callable[..., Any] = m.create_observable_gauge) -> None:
             def callback(_options: Any) -> list[Any]:
                 try:
                     st = self._state()
                     return [Observation(v, {**base, **labels}) for v, labels in read(st)]
                 except Exception:  # a scrape never fails on a state read
                     return []
-            m.create_observable_gauge(name, callbacks=[callback], description=description)
+            create(name, callbacks=[callback], description=description)
+
+        # NOTE: read from the router's own usage counters at scrape time, not added per batch: one
+        # counter call per expert hit was the larger part of the metrics' cost on the request path.
+        gauge("moe_tokens", "token-expert assignments by layer, expert and outcome (routed | degraded)",
+              lambda st: [*((n, {"layer": l, "expert": str(e), "outcome": "routed"}) for l, (tokens, _p, _n) in st["usage"].items()
+                            for e, n in enumerate(tokens)),
+                          *((n, {"layer": l, "expert": "*", "outcome": "degraded"}) for l, n in st["degraded"].items())],
+              create=m.create_observable_counter)
 
         gauge("moe_expert_replicas", "live copies per expert",
               lambda st: ((n, {"layer": l, "expert": e}) for l, row in st["replicas"].items() for e, n in enumerate(row)))

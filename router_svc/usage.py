@@ -26,17 +26,16 @@ class Usage:
         self.prob_sums = {layer: torch.zeros(num_experts, dtype=torch.float64) for layer in layers}
         self.seen = {layer: 0 for layer in layers}
 
-    def record(self, layer: int, a: Assignments, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One request's assignments (`a.token_N`, `a.expert_N`) -> its tokens per expert (E,)."""
+    def record(self, layer: int, a: Assignments, token_ids: torch.Tensor | None = None) -> None:
+        """One request's assignments (`a.token_N`, `a.expert_N`)."""
         e = self.num_experts
-        counts_E = torch.bincount(a.expert_N, minlength=e)
-        self.tokens[layer] += counts_E
+        self.tokens[layer] += torch.bincount(a.expert_N, minlength=e)
         t = int(a.logits_TE.shape[0])
         if a.probs_TE is not None and t:
             self.prob_sums[layer] += a.probs_TE.to(torch.float64).sum(0)
         self.seen[layer] += t
         if t == 0 or a.expert_N.numel() == 0:
-            return counts_E
+            return
         onehot_TE = torch.zeros((t, e), dtype=torch.float32)
         onehot_TE[a.token_N, a.expert_N] = 1.0
         # tokens that chose both i and j (the diagonal: tokens that chose i)
@@ -49,7 +48,6 @@ class Usage:
                 if len(c) > MAX_IDS_PER_EXPERT:
                     for k, _ in c.most_common()[MAX_IDS_PER_EXPERT // 2:]:
                         del c[k]
-        return counts_E
 
     def top_ids(self, layer: int, n: int = 10) -> list[list[tuple[int, int]]]:
         """Per expert, its `n` most frequent token ids with counts."""
