@@ -16,15 +16,6 @@ from router_svc import LocalMoE
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ray_chaos():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="moe-serve-tests", _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def _run(plan: ChaosPlan, **deployment) -> tuple[ChaosReport, dict, dict]:
     cfg = embedded_config(seed=plan.seed)
     cfg["deployment"].update(deployment)
@@ -45,7 +36,7 @@ def _lost_nothing(report: ChaosReport) -> None:
     assert not [f for f in report.faults if f.error], report.table()
 
 
-def test_groups_killed_every_few_seconds_with_two_copies(ray_chaos) -> None:
+def test_groups_killed_every_few_seconds_with_two_copies(ray_local) -> None:
     plan = ChaosPlan(clients=8, duration_s=36.0, group_kill_every_s=4.0, router_kill_at_s=(), supervisor_kill_at_s=(), quiet_s=6.0, seed=1)
     report, _, after = _run(plan, replicas=2)
     _lost_nothing(report)
@@ -56,7 +47,7 @@ def test_groups_killed_every_few_seconds_with_two_copies(ray_chaos) -> None:
 
 
 @pytest.mark.parametrize("failover", ["wait", "reroute"])
-def test_groups_killed_with_one_copy(ray_chaos, failover: str) -> None:
+def test_groups_killed_with_one_copy(ray_local, failover: str) -> None:
     plan = ChaosPlan(clients=8, duration_s=18.0, group_kill_every_s=4.0, router_kill_at_s=(), supervisor_kill_at_s=(), quiet_s=5.0, seed=2)
     report, _, _ = _run(plan, replicas=1, failover=failover)
     _lost_nothing(report)
@@ -67,7 +58,7 @@ def test_groups_killed_with_one_copy(ray_chaos, failover: str) -> None:
         assert report.degraded_tokens > 0 and report.degraded_requests > 0, report.table()
 
 
-def test_router_killed_clients_with_two_gateways_lose_nothing(ray_chaos) -> None:
+def test_router_killed_clients_with_two_gateways_lose_nothing(ray_local) -> None:
     plan = ChaosPlan(clients=8, duration_s=14.0, group_kill_every_s=0, router_kill_at_s=(3.0,), supervisor_kill_at_s=(), quiet_s=5.0, seed=3)
     report, _, after = _run(plan, routers=2)
     _lost_nothing(report)
@@ -76,7 +67,7 @@ def test_router_killed_clients_with_two_gateways_lose_nothing(ray_chaos) -> None
     assert any(e["kind"] == "router_restart" and e["router"] == fault.victim for e in after["events"])
 
 
-def test_supervisor_killed_twice_in_a_row(ray_chaos) -> None:
+def test_supervisor_killed_twice_in_a_row(ray_local) -> None:
     # the second kill lands after the first restart (restarts take a few seconds here)
     plan = ChaosPlan(clients=8, duration_s=24.0, group_kill_every_s=0, router_kill_at_s=(), supervisor_kill_at_s=(3.0, 11.0), quiet_s=6.0, seed=4)
     report, before, after = _run(plan, replicas=2)

@@ -1,4 +1,5 @@
-"""tests/integration: one local Ray per module, bound to loopback; every test cleans up its actors."""
+"""Shared fixtures. `ray_local`: one local Ray per module, bound to loopback (tests/integration,
+tests/chaos); every test cleans up its actors."""
 
 from __future__ import annotations
 
