@@ -42,13 +42,13 @@ def onednn_available(dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _pack(w_OK: torch.Tensor) -> torch.Tensor:
+def onednn_pack(w_OK: torch.Tensor) -> torch.Tensor:
     """A (out, in) weight reordered once into oneDNN's blocked layout (no batch-size hint: fastest from 1 row up)."""
     return torch.ops.mkldnn._reorder_linear_weight(w_OK.contiguous(), None)
 
 
-def _linear(x_nK: torch.Tensor, packed_OK: torch.Tensor) -> torch.Tensor:
-    """x (n, K) @ W^T with W prepacked by `_pack` -> (n, O)."""
+def onednn_linear(x_nK: torch.Tensor, packed_OK: torch.Tensor) -> torch.Tensor:
+    """x (n, K) @ W^T with W prepacked by `onednn_pack` -> (n, O)."""
     return torch.ops.mkldnn._linear_pointwise(x_nK.contiguous(), packed_OK, None, "none", [], "")
 
 
@@ -110,7 +110,7 @@ class GroupedExperts:
             if w.is_cuda or not onednn_available(w.dtype):
                 raise ConfigError(field="impl", value=impl, expected=f"'onednn' only on CPU with torch's oneDNN and dtype in {_ONEDNN_DTYPES}")
             # NOTE: only the packed copies are kept: the dense stacks would double the group's memory.
-            self._packed = [(_pack(e.w_in), _pack(e.w_out)) for e in experts]
+            self._packed = [(onednn_pack(e.w_in), onednn_pack(e.w_out)) for e in experts]
         else:
             self.w_in_EFD = torch.stack([e.w_in for e in experts])  # (E_l, 2I or I, D)
             self.w_out_EDI = torch.stack([e.w_out for e in experts])  # (E_l, D, I)
@@ -150,8 +150,8 @@ class GroupedExperts:
             if n == 0:
                 continue
             rows = slice(start, start + n)
-            h_nF = _linear(x_ND[rows], w_in)
-            out_ND[rows] = _linear(_mlp_tail(h_nF, self.act, self.gated), w_out)
+            h_nF = onednn_linear(x_ND[rows], w_in)
+            out_ND[rows] = onednn_linear(_mlp_tail(h_nF, self.act, self.gated), w_out)
             start += n
         return out_ND
 
