@@ -5,7 +5,8 @@
     deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us, batch_max_in_flight,
                  device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
                  router_cpus, grpc_host, replicas, failover, supervisor, supervisor_period_s,
-                 max_replicas, hot_threshold, load_window_s, rebalance_period_s, replica_down_delay_s,
+                 max_replicas, hot_threshold, hot_replica_min_rate, replica_down_fraction, load_window_s,
+                 rebalance_period_s, replica_down_delay_s,
                  min_groups, max_groups, target_group_tokens_per_s, scale_up_delay_s, scale_down_delay_s,
                  place_timeout_s, drain_timeout_s
     gateway:     enabled, host, port (router i serves port + i; 0 = any free port),
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import yaml
@@ -92,6 +93,10 @@ class DeploymentSettings:
     # copy goes after its expert stayed cool for `replica_down_delay_s`. Evaluated every `rebalance_period_s`.
     max_replicas: int | None = None
     hot_threshold: float = 2.0
+    # an expert below `hot_replica_min_rate` tokens/s never counts as hot; an extra copy goes only once its
+    # expert's rate is below `replica_down_fraction` x the hot line (hysteresis: no add/remove flapping).
+    hot_replica_min_rate: float = 1.0
+    replica_down_fraction: float = 0.75
     load_window_s: float = 10.0
     rebalance_period_s: float = 2.0
     replica_down_delay_s: float = 30.0
@@ -110,8 +115,11 @@ class DeploymentSettings:
     def __post_init__(self) -> None:
         p = "deployment."
         for name in ("hot_threshold", "load_window_s", "rebalance_period_s", "replica_down_delay_s", "target_group_tokens_per_s",
-                     "scale_up_delay_s", "scale_down_delay_s", "place_timeout_s", "drain_timeout_s", "supervisor_period_s"):
+                     "scale_up_delay_s", "scale_down_delay_s", "place_timeout_s", "drain_timeout_s", "supervisor_period_s",
+                     "hot_replica_min_rate", "replica_down_fraction"):
             _number(p + name, getattr(self, name), minimum=0.0)
+        if self.replica_down_fraction > 1:
+            raise ConfigError(field=p + "replica_down_fraction", value=self.replica_down_fraction, expected="a number in [0, 1]")
         for name in ("max_replicas", "min_groups", "max_groups"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -153,13 +161,11 @@ class DeploymentSettings:
                 self.expert_groups if self.max_groups is None else self.max_groups)
 
     def elastic(self) -> "ElasticPolicy":
+        """The supervisor's policy: every knob of the same name, with unset ends resolved."""
         lo, hi = self.group_range
-        return ElasticPolicy(
-            max_replicas=self.replicas if self.max_replicas is None else self.max_replicas, hot_threshold=self.hot_threshold,
-            load_window_s=self.load_window_s, rebalance_period_s=self.rebalance_period_s,
-            replica_down_delay_s=self.replica_down_delay_s, min_groups=lo, max_groups=hi,
-            target_group_tokens_per_s=self.target_group_tokens_per_s, scale_up_delay_s=self.scale_up_delay_s,
-            scale_down_delay_s=self.scale_down_delay_s, place_timeout_s=self.place_timeout_s, drain_timeout_s=self.drain_timeout_s)
+        same = {f.name: getattr(self, f.name) for f in fields(ElasticPolicy) if hasattr(self, f.name)}
+        return ElasticPolicy(**{**same, "max_replicas": self.replicas if self.max_replicas is None else self.max_replicas,
+                                "min_groups": lo, "max_groups": hi})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,7 +174,8 @@ class ElasticPolicy:
 
     max_replicas: int = 1
     hot_threshold: float = 2.0
-    min_rate: float = 1.0
+    hot_replica_min_rate: float = 1.0
+    replica_down_fraction: float = 0.75
     load_window_s: float = 10.0
     rebalance_period_s: float = 2.0
     replica_down_delay_s: float = 30.0

@@ -318,7 +318,7 @@ class Supervisor:
     def _scale_replicas(self) -> bool:
         """Hot experts up, cooled ones down (after the delay). True if the placement changed."""
         policy = ReplicaPolicy(hot_threshold=self.policy.hot_threshold, max_replicas=self.policy.max_replicas,
-                               min_rate=self.policy.min_rate)
+                               min_rate=self.policy.hot_replica_min_rate, down_fraction=self.policy.replica_down_fraction)
         placement = self._placement()
         base = [_slots(b) for b in self.state["base"]]
         usable = list(range(len(self.state["groups"])))  # retiring groups have already left the list

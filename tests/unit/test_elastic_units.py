@@ -263,6 +263,7 @@ def test_set_slots_that_cannot_load_leaves_the_group_as_it_was() -> None:
     ("min_groups", 0), ("max_groups", 2.5), ("target_group_tokens_per_s", -0.1), ("scale_up_delay_s", True),
     ("scale_down_delay_s", -5), ("place_timeout_s", "10"), ("drain_timeout_s", -1.0),
     ("batch_max_in_flight", 0), ("batch_max_in_flight", 1.5),
+    ("hot_replica_min_rate", -1.0), ("replica_down_fraction", 1.5), ("replica_down_fraction", "0.5"),
 ])
 def test_bad_elastic_settings_name_the_field(name: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"'deployment.{name}'") as err:
@@ -278,7 +279,9 @@ def test_elastic_defaults_follow_replicas_and_expert_groups() -> None:
 def test_elastic_maps_every_field() -> None:
     knobs = dict(max_replicas=3, hot_threshold=1.5, load_window_s=4.0, rebalance_period_s=1.0, replica_down_delay_s=7.0,
                  min_groups=2, max_groups=6, target_group_tokens_per_s=500.0, scale_up_delay_s=2.0,
-                 scale_down_delay_s=9.0, place_timeout_s=3.0, drain_timeout_s=11.0)
+                 scale_down_delay_s=9.0, place_timeout_s=3.0, drain_timeout_s=11.0, hot_replica_min_rate=0.5,
+                 replica_down_fraction=0.6)
+    assert set(knobs) == {f.name for f in dataclasses.fields(ElasticPolicy)}, "a policy knob without a setting"
     got = DeploymentSettings(expert_groups=4, replicas=2, **knobs).elastic()
     assert got == ElasticPolicy(**knobs)
 
