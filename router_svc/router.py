@@ -16,8 +16,8 @@ import contextvars
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Coroutine, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RouterWeights
 from router_svc import admission
+from router_svc.batching import Batcher, Pending
 from router_svc.config import DataPlaneConfig
 from router_svc.dispatch import plan_rows
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
@@ -124,20 +125,7 @@ class _NoLiveReplica(Exception):
         self.expert = expert
 
 
-@dataclass
-class _Pending:
-    x_TD: torch.Tensor
-    shape: tuple[int, ...]
-    dtype: str
-    token_ids: torch.Tensor | None
-    return_routing: bool
-    request_id: str
-    future: asyncio.Future = field(repr=False)
-    t_enq: float = field(default_factory=time.perf_counter)
-    trace: str = ""
-
-
-# the request span's traceparent, set by forward_tensor for the _Pending it enqueues
+# the request span's traceparent, set by forward_tensor for the Pending it queues
 _REQUEST_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("moe_request_trace", default="")
 
 
@@ -191,17 +179,13 @@ class Router:
                 self.transports[tname] = cls(self.groups, addresses, config.device)
         self.chain: tuple[str, ...] = self._chain_for(config.transport)
         self.measured_ms: dict[str, float] = {}
-        self._queues: dict[int, list[_Pending]] = {}
-        self._queued_tokens: dict[int, int] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._in_flight: dict[int, int] = {}
+        self.batcher = Batcher(config, self._run_batch)
         # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
         self.dead: set[int] = set()
         self._table_changed = asyncio.Event()
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
-        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {},
-                                         "peak_in_flight": 0}
+        self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {}}
         self.usage = Usage(list(self.spec.moe_layers), self.spec.num_experts)
         self.degraded_tokens = {layer: 0 for layer in self.spec.moe_layers}  # answered without one of their experts
         self.tracer = make_tracer(telemetry, name)
@@ -367,7 +351,8 @@ class Router:
         self._inflight_tokens += tokens
         self._inflight_requests += 1
         try:
-            alone = self._enqueue(layer, _Pending(x_TD, tuple(t.shape), wire.dtype_name(t.dtype), ids, return_routing, request_id, fut))
+            p = Pending(x_TD, tuple(t.shape), wire.dtype_name(t.dtype), ids, return_routing, request_id, fut, trace=_REQUEST_TRACE.get())
+            alone = self.batcher.add(layer, p)
             if alone is not None:
                 await alone
             return await fut
@@ -375,54 +360,13 @@ class Router:
             self._inflight_tokens -= tokens
             self._inflight_requests -= 1
 
-    def _enqueue(self, layer: int, p: _Pending) -> Coroutine[Any, Any, None] | None:
-        """Queue a request. A batch of its layer leaves when it is full; at once when none of its
-        layer is in flight (an idle router adds no wait); `batch_max_wait_us` after its first
-        request while fewer than `batch_max_in_flight` are; else when one in flight finishes.
-
-        A batch of this request alone that leaves at once is returned for the caller to run
-        in its own task (one task and loop turn fewer on an idle router's path)."""
-        p.trace = p.trace or _REQUEST_TRACE.get()
-        self._queues.setdefault(layer, []).append(p)
-        self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
-        in_flight = self._in_flight.get(layer, 0)
-        full = self._queued_tokens[layer] >= self.config.batch_max_tokens
-        if full or not in_flight:
-            return self._flush(layer, inline=len(self._queues[layer]) == 1)
-        elif in_flight < self.config.batch_max_in_flight and layer not in self._timers:
-            if self.config.batch_max_wait_us == 0:
-                self._flush(layer)
-            else:
-                self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self._flush, layer)
-
-    def _flush(self, layer: int, inline: bool = False) -> Coroutine[Any, Any, None] | None:
-        timer = self._timers.pop(layer, None)
-        if timer is not None:
-            timer.cancel()
-        reqs = self._queues.pop(layer, [])
-        self._queued_tokens[layer] = 0
-        if not reqs:
-            return None
-        self._in_flight[layer] = self._in_flight.get(layer, 0) + 1
-        self.counters["peak_in_flight"] = max(self.counters["peak_in_flight"], self._in_flight[layer])
-        if inline:
-            return self._run_batch(layer, reqs)
-        asyncio.get_running_loop().create_task(self._run_batch(layer, reqs))
-        return None
-
-    def _batch_done(self, layer: int) -> None:
-        """A batch of `layer` finished: what queued behind it goes now (batching while busy)."""
-        self._in_flight[layer] -= 1
-        if self._queues.get(layer) and self._in_flight[layer] < self.config.batch_max_in_flight:
-            self._flush(layer)
-
-    async def _run_batch(self, layer: int, reqs: list[_Pending]) -> None:
+    async def _run_batch(self, layer: int, reqs: list[Pending]) -> None:
         traces = [r.trace for r in reqs if r.trace]
         with Span(self.tracer, "moe.router.batch", parent=traces[0] if traces else "", links=traces[1:],
                   attributes={"moe.layer": layer, "moe.requests": len(reqs)}) as span:
             await self._run_batch_in(layer, reqs, span.traceparent)
 
-    async def _run_batch_in(self, layer: int, reqs: list[_Pending], trace: str) -> None:
+    async def _run_batch_in(self, layer: int, reqs: list[Pending], trace: str) -> None:
         m = self.metrics
         try:
             t_start = time.perf_counter()
@@ -486,9 +430,9 @@ class Router:
                 if not r.future.done():
                     r.future.set_exception(e)
         finally:
-            self._batch_done(layer)
+            self.batcher.done(layer)
 
-    def _keep_books(self, layer: int, reqs: list[_Pending], assignments: list[Assignments], degraded: list[int], used: str,
+    def _keep_books(self, layer: int, reqs: list[Pending], assignments: list[Assignments], degraded: list[int], used: str,
                     times: tuple[float, float, float, float, float | None]) -> None:
         """Usage counters and batch metrics of an answered batch."""
         for r, a in zip(reqs, assignments):
@@ -497,7 +441,7 @@ class Router:
         if self.metrics is not None:
             self._record_batch(self.metrics, layer, reqs, assignments, used, *times)
 
-    def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[_Pending], assignments: list[Assignments],
+    def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[Pending], assignments: list[Assignments],
                       used: str, t_start: float, t_gate: float, t_dispatched: float,
                       t_answered: float, expert_s: float | None = None) -> None:
         r_ = {"router": self.name}
@@ -598,7 +542,7 @@ class Router:
                 errors.append(str(e))
         raise ExpertUnavailableError(layer=batch.layer, expert=-1, reason="; ".join(errors) or "no transport available")
 
-    def _answer(self, r: _Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int,
+    def _answer(self, r: Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int,
                 degraded: tuple[int, ...] = ()) -> ForwardOutput:
         out = out_TD.to(wire.DTYPES[r.dtype]).reshape(r.shape)
         arr, name = wire.to_numpy(out)
@@ -622,7 +566,7 @@ class Router:
             "chain": list(self.chain),
             "measured_ms": dict(self.measured_ms),
             "routing_table_version": self.table.version,
-            "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"]),
+            "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"]), "peak_in_flight": self.batcher.peak_in_flight,
                          "fallbacks_by_from": dict(self.counters["fallbacks_by_from"])},
             "rdt_rebuilds": getattr(rdt, "rebuilds", 0),
             "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),

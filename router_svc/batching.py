@@ -1,0 +1,86 @@
+"""Dynamic batching of a router's requests, per layer.
+
+A batch of a layer leaves when its queued tokens reach `batch_max_tokens`; at once when no
+batch of the layer is in flight (an idle router adds no wait); `batch_max_wait_us` after its
+first request while fewer than `batch_max_in_flight` are; else when one in flight finishes
+(requests that arrived meanwhile leave together: batching while busy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Coroutine
+
+import torch
+
+from router_svc.config import DataPlaneConfig
+
+Run = Callable[[int, list["Pending"]], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Pending:
+    """One admitted request waiting for its batch's answer."""
+
+    x_TD: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: str
+    token_ids: torch.Tensor | None
+    return_routing: bool
+    request_id: str
+    future: asyncio.Future = field(repr=False)
+    t_enq: float = field(default_factory=time.perf_counter)
+    trace: str = ""
+
+
+class Batcher:
+    """The per-layer queues, wait timers and in-flight counts; `run(layer, requests)` runs a batch
+    and must call `done(layer)` when it ends, however it ends."""
+
+    def __init__(self, config: DataPlaneConfig, run: Run) -> None:
+        self.config = config
+        self._run = run
+        self._queues: dict[int, list[Pending]] = {}
+        self._queued_tokens: dict[int, int] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._in_flight: dict[int, int] = {}
+        self.peak_in_flight = 0
+
+    def add(self, layer: int, p: Pending) -> Coroutine[Any, Any, None] | None:
+        """Queue a request. A batch of this request alone that leaves at once is returned for the
+        caller to run in its own task (one task and loop turn fewer on an idle router's path)."""
+        self._queues.setdefault(layer, []).append(p)
+        self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
+        in_flight = self._in_flight.get(layer, 0)
+        if self._queued_tokens[layer] >= self.config.batch_max_tokens or not in_flight:
+            return self.flush(layer, inline=len(self._queues[layer]) == 1)
+        if in_flight < self.config.batch_max_in_flight and layer not in self._timers:
+            if self.config.batch_max_wait_us == 0:
+                self.flush(layer)
+            else:
+                self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self.flush, layer)
+        return None
+
+    def flush(self, layer: int, inline: bool = False) -> Coroutine[Any, Any, None] | None:
+        """Let the layer's queued requests out as one batch (a task, or returned when `inline`)."""
+        timer = self._timers.pop(layer, None)
+        if timer is not None:
+            timer.cancel()
+        reqs = self._queues.pop(layer, [])
+        self._queued_tokens[layer] = 0
+        if not reqs:
+            return None
+        self._in_flight[layer] = self._in_flight.get(layer, 0) + 1
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight[layer])
+        if inline:
+            return self._run(layer, reqs)
+        asyncio.get_running_loop().create_task(self._run(layer, reqs))
+        return None
+
+    def done(self, layer: int) -> None:
+        """A batch of `layer` finished: what queued behind it goes now."""
+        self._in_flight[layer] -= 1
+        if self._queues.get(layer) and self._in_flight[layer] < self.config.batch_max_in_flight:
+            self.flush(layer)
