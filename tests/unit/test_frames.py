@@ -205,3 +205,52 @@ def test_server_keeps_serving_after_errors(call: Any, caplog: pytest.LogCaptureF
     assert header["shape"] == [1, 3]
     assert wire.from_bytes(payload, header["dtype"], header["shape"]).tolist() == [[2.0, -4.0, 7.0]]
 
+
+
+# -- the ForwardStream method (one stream, many frames) -----------------------
+
+
+@pytest.fixture(scope="module")
+def stream_call() -> Iterator[Any]:
+    """`exchange(frames) -> replies`: one ForwardStream carrying every frame in order."""
+    server, port = data_grpc.serve(doubling_handler, host="127.0.0.1", port=0, workers=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=data_grpc.CHANNEL_OPTIONS)
+    try:
+        rpc = channel.stream_stream(data_grpc.STREAM_METHOD, request_serializer=None, response_deserializer=None)
+        yield lambda frames: list(rpc(iter(frames), timeout=20))
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def test_stream_answers_each_frame_in_order_echoing_its_seq(stream_call: Any) -> None:
+    xs = [torch.full((i + 1, 3), float(i)) for i in range(6)]
+    replies = stream_call([request(x, seq=100 + i) for i, x in enumerate(xs)])
+    assert len(replies) == len(xs)
+    for i, (x, reply) in enumerate(zip(xs, replies)):
+        header, payload = decode_frame(reply)
+        assert header["seq"] == 100 + i
+        assert torch.equal(wire.from_bytes(payload, header["dtype"], header["shape"]), x * 2)
+
+
+def test_stream_answers_bad_frames_with_error_frames_and_carries_on(stream_call: Any, caplog: pytest.LogCaptureFixture) -> None:
+    x = torch.tensor([[1.0, -2.0]])
+    frames = [
+        request(x, seq=1),
+        b"\x01",  # no header at all: an error frame without seq
+        encode_frame({"dtype": "float32", "shape": [2, 3], "seq": 3}, b"\x00" * 7),  # wrong byte count
+        encode_frame({"op": "boom", "seq": 4}),  # the handler fails
+        request(x, seq=5),
+    ]
+    with caplog.at_level(logging.CRITICAL, logger=data_grpc.__name__):
+        headers = [decode_frame(r)[0] for r in stream_call(frames)]
+    assert [h.get("seq") for h in headers] == [1, None, 3, 4, 5]
+    assert "error" not in headers[0] and "error" not in headers[4]
+    assert headers[1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "shorter than the length prefix" in headers[1]["error"]["message"]
+    assert headers[2]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "7 bytes for shape [2, 3] of float32 (24 expected)" in headers[2]["error"]["message"]
+    assert headers[3]["error"] == {"code": "INTERNAL", "message": "RuntimeError: kaboom"}
+    failed = data_grpc.error_of(headers[3])
+    assert failed is not None and (failed.code, failed.message) == ("INTERNAL", "RuntimeError: kaboom")
+    assert data_grpc.error_of(headers[0]) is None
