@@ -157,14 +157,15 @@ class DeploymentEngine(Engine):
 
 
 class GatewayEngine(DeploymentEngine):
-    """The same deployment called as an outside client would: `MoEClient` over the router's gRPC gateway."""
+    """The same deployment called as an outside client would: `MoEClient` over the router's gRPC gateway
+    (one `Forward` call per request, or with `stream` every request on one open `ForwardStream`)."""
 
-    def __init__(self, dep: Any, mode: str, state: dict[str, Any]) -> None:
+    def __init__(self, dep: Any, mode: str, state: dict[str, Any], stream: bool = False) -> None:
         from router_svc.client import MoEClient
 
         super().__init__(dep, mode, state)
-        self.name = f"moe[{mode}] gRPC API"
-        self.client = MoEClient(dep.gateway_addresses[0])
+        self.name = f"moe[{mode}] gRPC {'stream' if stream else 'API'}"
+        self.client = MoEClient(dep.gateway_addresses[0], stream=stream)
 
     def call(self, x: torch.Tensor) -> torch.Tensor:
         return self.client.forward(x, LAYER)
@@ -481,7 +482,8 @@ def run(args: argparse.Namespace) -> dict:
             result["placement"] = placement
             serve_engine = ServeEngine(tmp, args.serve_max_ongoing, placement)
             result["startup_s"]["ray_serve"] = time.perf_counter() - t0
-            deployments = [DeploymentEngine(dep, m, state) for m in MODES] + [GatewayEngine(dep, "auto", state)]
+            deployments = [DeploymentEngine(dep, m, state) for m in MODES] + [GatewayEngine(dep, "auto", state),
+                                                                               GatewayEngine(dep, "auto", state, stream=True)]
             engines: list[Engine] = [LocalEngine(moe), *deployments, naive, serve_engine]
 
             print("correctness vs LocalMoE (relative error):")

@@ -8,11 +8,12 @@ by an interceptor; TLS and mutual TLS come from certificate files.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -67,6 +68,13 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
             _fail(context, _Failure(code=grpc.StatusCode.UNAUTHENTICATED, message=reason))
             return b""
 
+        async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            _fail(context, _Failure(code=grpc.StatusCode.UNAUTHENTICATED, message=reason))
+
+        handler = await continuation(details)
+        if handler is not None and handler.request_streaming and handler.response_streaming:
+            # a denial of the same kind as the method: the status ends the stream before any answer
+            return grpc.stream_stream_rpc_method_handler(deny_stream, request_deserializer=lambda b: b, response_serializer=lambda b: b)
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=lambda b: b, response_serializer=lambda b: b)
 
 
@@ -112,23 +120,67 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def __init__(self, router: "Router") -> None:
         self.router = router
 
+    async def _forward(self, request: pb.ForwardRequest, traceparent: str) -> pb.ForwardResponse:
+        """One request -> its answer; raises MoEServeError for one that fails."""
+        x = _tensor_in(request.hidden_states, "hidden_states", self.router.config.max_tokens_per_request)
+        # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
+        ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
+        out = await self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
+                                               traceparent=traceparent)
+        return _response(out)
+
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> pb.ForwardResponse:
         try:
-            x = _tensor_in(request.hidden_states, "hidden_states", self.router.config.max_tokens_per_request)
-            # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
-            ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
-            traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
             # NOTE: no wait_for on the deadline: gRPC cancels this handler's task when the call's
             # deadline passes or the client goes away (the answer would be DEADLINE_EXCEEDED either way).
-            out = await self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
-                                                   traceparent=traceparent)
-            return _response(out)
+            return await self._forward(request, _traceparent(context))
         except MoEServeError as e:
             # NOTE: drop the traceback: the error's frames hold the request's tensor and token ids, and
             # anything keeping the error (a task, a cycle) would keep them until a full collection.
             e.__traceback__ = None
             _fail(context, _failure(e))
             return pb.ForwardResponse()
+
+    async def ForwardStream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """Every request read becomes its own task at once (so they batch together); each writes its
+        answer, or its failure as a status, as soon as it is ready. The call ends OK once the client
+        has stopped sending and every answer is out; cancelling it cancels what is left."""
+        traceparent = _traceparent(context)
+        write = asyncio.Lock()  # one write at a time on a stream
+        tasks: set[asyncio.Task] = set()
+
+        async def one(seq: int, raw: bytes) -> None:
+            rid = ""
+            try:
+                try:
+                    request = pb.ForwardRequest.FromString(raw)
+                except DecodeError as e:
+                    raise InvalidRequestError(field="request", problem=f"not a valid moe.v1.ForwardRequest message: {e}") from None
+                rid = request.request_id
+                answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, response=await self._forward(request, traceparent))
+            except MoEServeError as e:
+                e.__traceback__ = None
+                f = _failure(e)
+                answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, code=f.code.value[0], message=f.message)
+            except Exception as e:  # never a request without an answer on an open stream
+                log.exception("stream request %d failed", seq)
+                answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, code=grpc.StatusCode.INTERNAL.value[0],
+                                                  message=f"{type(e).__name__}: {e}")
+            async with write:
+                await context.write(answer)
+
+        try:
+            seq = 0
+            async for raw in requests:
+                task = asyncio.get_running_loop().create_task(one(seq, raw))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                seq += 1
+            while tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in list(tasks):
+                task.cancel()
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         st = await self.router.service_status()
@@ -142,17 +194,26 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         )
 
 
+def _traceparent(context: grpc.aio.ServicerContext) -> str:
+    return dict(context.invocation_metadata() or ()).get("traceparent", "")
+
+
 def _add_servicer(servicer: ExpertServicer, server: grpc.aio.Server) -> None:
-    """Register every method of the service, each parsing its own request.
+    """Register every method of the service, each parsing its own requests.
 
     NOTE: registered the generated way, gRPC parses the request before any servicer code runs,
     and a body that is not a valid protobuf message (corrupt wire format, bad UTF-8 in a string)
-    ends as UNKNOWN "Exception deserializing request"; parsed here it is INVALID_ARGUMENT.
+    ends as UNKNOWN "Exception deserializing request"; parsed here it is INVALID_ARGUMENT (on a
+    stream: that request's answer, and the stream carries on).
     """
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["ExpertService"].methods:
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name), response_serializer=response_cls.SerializeToString)
+            continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _parsing(request_cls, getattr(servicer, method.name)), response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

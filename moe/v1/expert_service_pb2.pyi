@@ -74,6 +74,20 @@ class ForwardResponse(_message.Message):
     stats: RoutingStats
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ..., dropped_tokens: _Optional[int] = ..., rerouted_tokens: _Optional[int] = ..., degraded_tokens: _Optional[_Iterable[int]] = ..., routing_table_version: _Optional[int] = ..., transport: _Optional[str] = ..., stats: _Optional[_Union[RoutingStats, _Mapping]] = ...) -> None: ...
 
+class ForwardStreamResponse(_message.Message):
+    __slots__ = ("sequence", "request_id", "code", "message", "response")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    request_id: str
+    code: int
+    message: str
+    response: ForwardResponse
+    def __init__(self, sequence: _Optional[int] = ..., request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[ForwardResponse, _Mapping]] = ...) -> None: ...
+
 class ExpertStatus(_message.Message):
     __slots__ = ("layer", "expert", "replicas", "tokens_per_s", "groups")
     LAYER_FIELD_NUMBER: _ClassVar[int]

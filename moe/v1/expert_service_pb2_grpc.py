@@ -39,6 +39,11 @@ class ExpertServiceStub:
                 request_serializer=moe_dot_v1_dot_expert__service__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=moe_dot_v1_dot_expert__service__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/moe.v1.ExpertService/ForwardStream',
+                request_serializer=moe_dot_v1_dot_expert__service__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=moe_dot_v1_dot_expert__service__pb2.ForwardStreamResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/moe.v1.ExpertService/Status',
                 request_serializer=moe_dot_v1_dot_expert__service__pb2.StatusRequest.SerializeToString,
@@ -51,6 +56,14 @@ class ExpertServiceServicer:
 
     def Forward(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """Many requests over one call, with no per-request call set-up; the requests of one stream
+        run concurrently and are batched like any others.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -68,6 +81,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=moe_dot_v1_dot_expert__service__pb2.ForwardRequest.FromString,
                     response_serializer=moe_dot_v1_dot_expert__service__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=moe_dot_v1_dot_expert__service__pb2.ForwardRequest.FromString,
+                    response_serializer=moe_dot_v1_dot_expert__service__pb2.ForwardStreamResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -102,6 +120,33 @@ class ExpertService:
             '/moe.v1.ExpertService/Forward',
             moe_dot_v1_dot_expert__service__pb2.ForwardRequest.SerializeToString,
             moe_dot_v1_dot_expert__service__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe.v1.ExpertService/ForwardStream',
+            moe_dot_v1_dot_expert__service__pb2.ForwardRequest.SerializeToString,
+            moe_dot_v1_dot_expert__service__pb2.ForwardStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

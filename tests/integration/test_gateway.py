@@ -457,9 +457,10 @@ def test_reflection_lists_and_describes_the_service(gw) -> None:
             fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
             if fd.name == pb.DESCRIPTOR.name:
                 service = next(s for s in fd.service if s.name == "ExpertService")
-                assert {m.name: (m.input_type, m.output_type) for m in service.method} == {
-                    "Forward": (".moe.v1.ForwardRequest", ".moe.v1.ForwardResponse"),
-                    "Status": (".moe.v1.StatusRequest", ".moe.v1.StatusResponse")}
+                assert {m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming) for m in service.method} == {
+                    "Forward": (".moe.v1.ForwardRequest", ".moe.v1.ForwardResponse", False, False),
+                    "ForwardStream": (".moe.v1.ForwardRequest", ".moe.v1.ForwardStreamResponse", True, True),
+                    "Status": (".moe.v1.StatusRequest", ".moe.v1.StatusResponse", False, False)}
                 break
         else:
             pytest.fail(f"reflection did not return {pb.DESCRIPTOR.name}")
@@ -676,6 +677,106 @@ def test_client_disconnect_mid_request_does_not_disturb_others(gw, ref) -> None:
     for address in gw.gateway_addresses:
         with _channel(address) as ch:
             _assert_serves(pb_grpc.ExpertServiceStub(ch), ref, tokens=MAX_TOKENS)
+
+
+# -- ForwardStream ------------------------------------------------------------------------------
+
+
+def _stream(address: str, requests: list, metadata=AUTH, raw: bool = False) -> list[pb.ForwardStreamResponse]:
+    """Send every request on one ForwardStream (all at once: they run concurrently); every answer."""
+    with _channel(address) as ch:
+        rpc = ch.stream_stream(f"/{SERVICE}/ForwardStream", request_serializer=None if raw else pb.ForwardRequest.SerializeToString,
+                               response_deserializer=pb.ForwardStreamResponse.FromString)
+        return list(rpc(iter(requests), metadata=metadata, timeout=RPC_TIMEOUT))
+
+
+def test_stream_answers_each_request_exactly(gw, ref) -> None:
+    gen = torch.Generator().manual_seed(23)
+    xs = [torch.randn(*((1 + 7 * k % 40, D) if k % 3 else (2, 1 + k % 5, D)), generator=gen) for k in range(40)]
+    requests = [_request(x, MOE_LAYERS[k % 2], request_id=f"r{k}", return_routing=k % 4 == 0) for k, x in enumerate(xs)]
+    answers = _stream(gw.gateway_addresses[0], requests)
+    assert sorted(a.sequence for a in answers) == list(range(len(xs)))
+    for a in answers:
+        k = a.sequence
+        assert (a.code, a.message, a.request_id) == (0, "", f"r{k}")
+        y = _decode(a.response.hidden_states)
+        assert y.shape == xs[k].shape
+        assert _rel(y, ref.forward(xs[k], MOE_LAYERS[k % 2])) < 1e-6
+        assert a.response.HasField("stats") == (k % 4 == 0)
+
+
+def test_stream_bad_requests_get_their_status_and_the_stream_carries_on(gw, ref) -> None:
+    x = torch.randn(5, D)
+    good = _request(x, 2).SerializeToString()
+    cases = sorted(BAD)
+    raw = [good]
+    for case in cases:
+        raw += [BAD[case][0].SerializeToString(), good]
+    raw += [b"\xff\xff\xff", _request(torch.randn(MAX_TOKENS + 1, D), 0).SerializeToString(), good]
+    answers = {a.sequence: a for a in _stream(gw.gateway_addresses[1], raw, raw=True)}
+    assert sorted(answers) == list(range(len(raw)))
+    want = ref.forward(x, 2)
+    for i, case in enumerate(cases):
+        bad = answers[1 + 2 * i]
+        assert bad.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], (case, bad.code, bad.message)
+        assert re.search(BAD[case][1], bad.message), (case, bad.message)
+        assert not bad.HasField("response")
+    corrupt, too_big = answers[len(raw) - 3], answers[len(raw) - 2]
+    assert corrupt.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid moe.v1.ForwardRequest message" in corrupt.message
+    assert too_big.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert f"{MAX_TOKENS + 1} exceeds the limit of {MAX_TOKENS}" in too_big.message
+    for seq in [0] + [2 + 2 * i for i in range(len(cases))] + [len(raw) - 1]:
+        assert answers[seq].code == 0
+        assert _rel(_decode(answers[seq].response.hidden_states), want) < 1e-6
+
+
+def test_stream_needs_the_bearer_token(gw) -> None:
+    for metadata, reason in [((), "missing bearer token"), ([("authorization", "Bearer wrong-token-000000000")], "invalid bearer token")]:
+        err = _rpc_error(_stream, gw.gateway_addresses[0], [_request(torch.randn(2, D), 0)], metadata=metadata)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, (err.code(), err.details())
+        assert err.details() == reason
+    with MoEClient(gw.gateway_addresses, token="not-the-token-1234", timeout=RPC_TIMEOUT, stream=True) as bad:
+        with pytest.raises(RemoteError, match="UNAUTHENTICATED: invalid bearer token"):
+            bad.forward(torch.randn(2, D), 0)
+
+
+def test_moe_client_stream_mode_is_exact_from_many_threads_and_maps_errors(gw, ref) -> None:
+    with MoEClient(gw.gateway_addresses, token=TOKEN, timeout=RPC_TIMEOUT, stream=True) as c:
+        gen = torch.Generator().manual_seed(29)
+        xs = [torch.randn(1 + k % 13, D, generator=gen) for k in range(64)]
+
+        def run(k: int) -> float:
+            return _rel(c.forward(xs[k], MOE_LAYERS[k % 2]), ref.forward(xs[k], MOE_LAYERS[k % 2]))
+
+        with cf.ThreadPoolExecutor(16) as pool:
+            errors = list(pool.map(run, range(len(xs))))
+        assert max(errors) < 1e-6
+        y, report = c.forward(xs[0].numpy(), 0, return_routing=True)
+        want, want_report = ref.forward(xs[0], 0, return_routing=True)
+        assert isinstance(y, np.ndarray) and _rel(torch.from_numpy(y), want) < 1e-6
+        assert torch.equal(report.expert, want_report.expert)
+        bad = torch.randn(3, D)
+        bad[0, 0] = float("nan")
+        with pytest.raises(InvalidRequestError, match="NaN or Inf"):
+            c.forward(bad, 0)
+        with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED: tokens per request"):
+            c.forward(torch.randn(MAX_TOKENS + 1, D), 0)
+        with pytest.raises(RemoteError) as info:
+            c.forward(torch.randn(1024, D), 0, timeout=0.001)
+        assert info.value.code == "DEADLINE_EXCEEDED"
+        assert c.forward_response(xs[1], 2).transport == "object_store"
+        assert run(5) < 1e-6  # the same stream serves on after each failure
+
+
+def test_moe_client_stream_mode_retries_past_a_dead_gateway(gw, ref) -> None:
+    with MoEClient([_dead_address(), gw.gateway_addresses[0]], token=TOKEN, timeout=RPC_TIMEOUT, backoff_s=0.01, stream=True) as c:
+        for i in range(4):
+            x = torch.randn(3 + i, D)
+            assert _rel(c.forward(x, MOE_LAYERS[i % 2]), ref.forward(x, MOE_LAYERS[i % 2])) < 1e-6
+    with MoEClient([_dead_address()], token=TOKEN, timeout=5.0, stream=True) as c:
+        with pytest.raises(RemoteError, match="UNAVAILABLE"):
+            c.forward(torch.randn(2, D), 0)
 
 
 # -- retries across gateways ---------------------------------------------------------------------
@@ -895,12 +996,14 @@ def test_tls_gateway(ray_local, ref, pki, tmp_path) -> None:
             assert c.status().model == "random"
         with MoEClient(address, tls=TLSOptions(ca=pki.ca, server_name="localhost"), timeout=RPC_TIMEOUT) as c:
             assert _rel(c.forward(x, 0), ref.forward(x, 0)) < 1e-6
+        with MoEClient(address, tls=TLSOptions(ca=pki.ca, server_name="localhost"), timeout=RPC_TIMEOUT, stream=True) as c:
+            assert _rel(c.forward(x, 2), ref.forward(x, 2)) < 1e-6
         # reflection over TLS with grpc's own descriptor database (no token on this deployment)
         with grpc.secure_channel(address, creds) as ch:
             db = ProtoReflectionDescriptorDatabase(ch)
             assert SERVICE in set(db.get_services())
             service = descriptor_pool.DescriptorPool(db).FindServiceByName(SERVICE)
-            assert {m.name for m in service.methods} == {"Forward", "Status"}
+            assert {m.name for m in service.methods} == {"Forward", "ForwardStream", "Status"}
         # plaintext against a TLS port: refused, after retries, within the deadline
         with MoEClient(address, timeout=15.0, max_attempts=3) as plain:
             with pytest.raises(RemoteError, match="UNAVAILABLE") as info:
