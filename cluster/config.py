@@ -4,7 +4,7 @@
     routing:     overrides of the model's routing spec (policy, capacity_factor, overflow, ...)
     deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us, batch_max_in_flight,
                  device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
-                 router_cpus, grpc_host, replicas, failover, supervisor, supervisor_period_s,
+                 router_cpus, grpc_host, huge_pages, replicas, failover, supervisor, supervisor_period_s,
                  max_replicas, hot_threshold, hot_replica_min_rate, replica_down_fraction, load_window_s,
                  rebalance_period_s, replica_down_delay_s,
                  min_groups, max_groups, target_group_tokens_per_s, scale_up_delay_s, scale_down_delay_s,
@@ -88,6 +88,10 @@ class DeploymentSettings:
     router_cpus: float = 1.0
     # address the groups' gRPC data plane binds to (loopback, or the node's IP on a real cluster).
     grpc_host: str = "127.0.0.1"
+    # CPU groups keep their weights in transparent huge pages (torch's THP allocator, Linux): a group
+    # streams every active expert's weights from memory per batch, and 2 MiB pages spare it a TLB miss
+    # per 4 KiB read. Takes effect where the kernel's THP mode is `madvise` or `always`.
+    huge_pages: bool = True
     # hot experts: copies per expert at most (default: `replicas`, i.e. no replication); an expert
     # whose rate over `load_window_s` exceeds `hot_threshold` x its layer's mean gets more; an extra
     # copy goes after its expert stayed cool for `replica_down_delay_s`. Evaluated every `rebalance_period_s`.
@@ -145,6 +149,8 @@ class DeploymentSettings:
             raise ConfigError(field=p + "failover", value=self.failover, expected=f"one of {FAILOVER_POLICIES}")
         for name in ("group_cpus", "group_gpus", "router_cpus"):
             _number(p + name, getattr(self, name), minimum=0.0)
+        if not isinstance(self.huge_pages, bool):
+            raise ConfigError(field=p + "huge_pages", value=self.huge_pages, expected="a bool")
         if self.max_replicas is not None and not self.replicas <= self.max_replicas:
             raise ConfigError(field=p + "max_replicas", value=self.max_replicas, expected=f"at least replicas={self.replicas}")
         lo, hi = self.group_range

@@ -23,7 +23,7 @@ from cluster.config import ServiceConfig, load_config
 from cluster.placement import all_slots, spread_replicated
 from expert_workers import wire
 from cluster.supervisor import Supervisor
-from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
+from expert_workers.group import CONCURRENCY_GROUPS, THP_ENV, ExpertGroup
 from expert_workers.source import open_source
 from expert_workers.spec import MoESpec
 from router_svc.config import DataPlaneConfig
@@ -112,6 +112,10 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
                 opts["lifetime"] = "detached"
             if device == "cuda":
                 opts["num_gpus"] = d.group_gpus
+            elif d.huge_pages:
+                # NOTE: read once by torch when the process starts, so it must be in the worker's environment
+                # (Ray merges these variables into any runtime_env the job has).
+                opts["runtime_env"] = {"env_vars": {THP_ENV: "1"}}
             groups.append(group_cls.options(**opts).remote(
                 f"{name}-group-{i}", source, [], device=device, dtype=cfg.model.dtype,
                 num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host, telemetry=cfg.telemetry,

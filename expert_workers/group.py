@@ -153,6 +153,23 @@ class GroupCore:
             }
 
 
+# torch's CPU allocator puts allocations of 2 MiB and more in transparent huge pages when this is 1.
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def huge_pages() -> dict[str, Any]:
+    """Whether this process asked torch for huge pages, the kernel's THP mode, and the bytes it holds in them."""
+    mode, held = "", 0
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = next((w.strip("[]") for w in f.read().split() if w.startswith("[")), "")
+        with open("/proc/self/smaps_rollup") as f:
+            held = next((int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:")), 0)
+    except OSError:  # not Linux, or no THP
+        pass
+    return {"huge_pages": os.environ.get(THP_ENV) == "1", "thp_mode": mode, "huge_page_bytes": held}
+
+
 class ExpertGroup:
     """The Ray actor hosting a GroupCore. Created by `cluster.deploy` with `ray.remote(ExpertGroup)`."""
 
@@ -189,6 +206,7 @@ class ExpertGroup:
             "slots": [list(s) for s in self.core.slots],
             "grpc_address": self.grpc_address,
             "threads": torch.get_num_threads(),
+            **huge_pages(),
         }
 
     @ray.method(concurrency_group="control")

@@ -201,6 +201,35 @@ def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
         time.sleep(0.2)
 
 
+def test_cpu_groups_ask_for_huge_pages_unless_told_not_to(ray_local, random_spec) -> None:
+    """`huge_pages` reaches every CPU group's process (a replacement made by the supervisor too), and off means off."""
+    on = deploy({"model": {"random": random_spec}, "gateway": {"enabled": False}, "deployment": {"name": "thp", "expert_groups": 2}})
+    try:
+        infos = ray.get([g.info.remote() for g in on.groups])
+        assert [i["huge_pages"] for i in infos] == [True, True], infos
+        assert all(isinstance(i["huge_page_bytes"], int) and i["huge_page_bytes"] >= 0 for i in infos)
+        ray.kill(on.groups[0])
+        deadline = time.time() + 60
+        while True:  # the supervisor's replacement is made with the same options
+            names = [n for n in _alive_actor_names(on.name) if "-group-" in n]
+            fresh = [n for n in names if n not in (infos[0]["name"], infos[1]["name"])]
+            if fresh:
+                info = ray.get(ray.get_actor(fresh[0], namespace="moe-serve").info.remote())
+                assert info["huge_pages"] is True, info
+                break
+            assert time.time() < deadline, names
+            time.sleep(0.2)
+    finally:
+        on.shutdown()
+    off = deploy({"model": {"random": random_spec}, "gateway": {"enabled": False},
+                  "deployment": {"name": "nothp", "expert_groups": 1, "huge_pages": False, "supervisor": False}})
+    try:
+        assert ray.get(off.groups[0].info.remote())["huge_pages"] is False
+        assert off.forward(torch.ones(2, 48), 0).shape == (2, 48)
+    finally:
+        off.shutdown()
+
+
 @pytest.mark.parametrize("routing", [
     {"policy": "expert_choice", "capacity_factor": 1.0},
     {"policy": "topk_softmax", "capacity_factor": 0.75, "overflow": "reroute"},

@@ -123,7 +123,7 @@ def test_defaults() -> None:
     assert cfg.routing == {}
     d = cfg.deployment
     assert (d.name, d.expert_groups, d.routers, d.transport, d.device, d.shared_experts) == ("moe", 2, 1, "auto", "auto", "router")
-    assert (d.batch_max_tokens, d.batch_max_wait_us, d.grpc_host) == (4096, 500, "127.0.0.1")
+    assert (d.batch_max_tokens, d.batch_max_wait_us, d.grpc_host, d.huge_pages) == (4096, 500, "127.0.0.1", True)
     # empty sections are the defaults too
     assert load_config({"model": {"random": RANDOM}, "routing": None, "deployment": None}) == cfg
 
@@ -211,6 +211,8 @@ def test_path_that_does_not_exist(tmp_path: Path) -> None:
         ("shared_experts", "nowhere", "one of ("),
         ("name", "has space", "letters, digits"),
         ("group_cpus", -1, "a number >= 0"),
+        ("huge_pages", "yes", "a bool"),
+        ("huge_pages", 1, "a bool"),
     ],
 )
 def test_bad_deployment_values(key: str, value: Any, expected: str) -> None:
