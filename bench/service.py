@@ -17,18 +17,22 @@ Engines, all on one `ray.init(num_cpus=8)` with node IP 127.0.0.1, timed alterna
                     deployments (the deployment's own placement of experts on groups) with
                     `await handle.remote(...)`, called from the driver through its handle.
 
-Every engine computes experts with the same kernel (expert_workers.ffn.GroupedExperts) and
-one torch thread per actor/replica (LocalMoE: the driver's threads), so differences are
-routing, transport and orchestration, not GEMMs.
+Every engine computes experts with the same kernel (expert_workers.ffn.GroupedExperts),
+one torch thread per actor/replica (LocalMoE: the driver's threads) and its weights in
+transparent huge pages (THP_MEM_ALLOC_ENABLE=1 for every process of the run), so differences
+are routing, transport and orchestration, not GEMMs or memory pages.
 
 Measured: tokens/s at 4096 tokens per request (median of repeats after warm-up); p50/p99
 latency at 8 tokens per request with 1 client and with 16 concurrent clients (threads,
 closed loop; bounded by a request count and a time budget, split into interleaved rounds);
-relative error of every engine vs LocalMoE at 8 and 4096 tokens.
+relative error of every engine vs LocalMoE at 8 and 4096 tokens. Then the 1-client latency
+again with each system alone on the machine (sessions alternate: the deployment up and Serve
+shut down, then the reverse; --alone-rounds times), since side by side each pays for the
+other's background work.
 
 Targets (checked here, exit status 1 if missed):
   - moe-serve (best transport) >= 0.8x LocalMoE tokens/s at 4096 tokens;
-  - moe-serve p50 at 8 tokens, 1 client <= 0.5x Ray Serve's;
+  - moe-serve p50 at 8 tokens, 1 client <= 0.5x Ray Serve's (each alone; side by side shown too);
   - moe-serve tokens/s at 8 tokens under 16 clients >= 2x Ray Serve's;
   - every engine within 1e-5 relative error of LocalMoE.
 The run also measures the CPU time other processes took during the timed phases; above
@@ -62,6 +66,10 @@ from typing import Any
 # NOTE: makes Ray's node IP the loopback address (127.0.0.1) instead of the first interface's;
 # `ray.init(_node_ip_address="127.0.0.1")` alone is turned back into that interface's address by Ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# NOTE: the deployment's CPU groups keep their weights in transparent huge pages (deployment.huge_pages,
+# on by default). Set here, before torch loads, it holds for every engine alike: LocalMoE in this
+# process and every Ray worker started from it (naive actors, Serve replicas, the router).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -382,7 +390,7 @@ def _latency(engines: list[Engine], inputs: list[torch.Tensor], clients: int, re
     for e in engines:
         a = np.array(lat[e.name])
         out[e.name] = {"requests": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99)),
-                       "mean_s": float(a.mean()), "tokens_per_s": statistics.median(tps[e.name]),
+                       "mean_s": float(a.mean()), "all_s": lat[e.name], "tokens_per_s": statistics.median(tps[e.name]),
                        "tokens_per_s_rounds": tps[e.name], "server": _server_summary(server[e.name], GROUPS)}
     return out
 
@@ -441,19 +449,86 @@ def _foreign(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
             "foreign_fraction": foreign / (wall * (os.cpu_count() or 1))}
 
 
+def _foreign_total(windows: list[dict[str, float]]) -> dict[str, float]:
+    """Several timed windows as one. NOTE: windows, not one span over the run: an actor process that
+    exits (a system shut down between sessions) takes its CPU seconds out of this process tree's sum."""
+    windows = [w for w in windows if w]
+    if not windows:
+        return {}
+    out = {k: sum(w[k] for w in windows) for k in ("wall_s", "ours_cpu_s", "foreign_cpu_s")}
+    return {**out, "windows": len(windows), "foreign_fraction": out["foreign_cpu_s"] / (out["wall_s"] * (os.cpu_count() or 1))}
+
+
 # -- the run -------------------------------------------------------------------
+
+def _deploy(path: str, args: argparse.Namespace) -> Any:
+    from cluster import deploy
+
+    return deploy({"model": {"path": path}, "deployment": {
+        "name": "bench", "expert_groups": GROUPS, "routers": 1, "group_cpus": 1, "router_cpus": 1,
+        "transport": "auto", "device": "cpu", "grpc_host": "127.0.0.1",
+        **({} if args.batch_wait_us is None else {"batch_max_wait_us": args.batch_wait_us})},
+        # NOTE: the gateway stays on (the default) but on any free loopback port, not the fixed
+        # default 50051, which another deployment on this machine may hold.
+        "gateway": {"port": 0}})
+
+
+def _alone(args: argparse.Namespace, path: str, moe: Any, inputs: list[torch.Tensor], placement: list[list[int]],
+           pool: cf.ThreadPoolExecutor, live: dict[str, Any], windows: list[dict[str, float]]) -> dict[str, Any]:
+    """1-client latency with each system alone on the machine: sessions alternate, moe-serve (its deployment
+    up, Serve shut down) then Ray Serve (the deployment shut down, Serve up), `args.alone_rounds` times.
+
+    NOTE: side by side, each system pays for the other's background work on the 2 cores (Serve's
+    controller loop and metrics pushes; the deployment's supervisor and health pings): with Serve
+    merely running, moe-serve's 1-client p50 rose by about 1 ms. A user runs one of them, so this
+    phase measures each without the other. LocalMoE runs in every session as a control for drift.
+    `live` holds what is up ("dep", "serve"); whatever is up at the end is left for the caller to stop.
+    Each session's timed window is appended to `windows` (CPU taken by other processes).
+    """
+    lat: dict[str, list[float]] = {}
+    sessions: list[dict[str, Any]] = []
+    for _ in range(args.alone_rounds):
+        for system in ("moe-serve", "ray_serve"):
+            if system == "moe-serve":
+                if live.get("serve") is not None:
+                    live.pop("serve").serve.shutdown()
+                if live.get("dep") is None:
+                    live["dep"] = _deploy(path, args)
+                state: dict[str, Any] = {"mode": "auto"}
+                engines: list[Engine] = [LocalEngine(moe), DeploymentEngine(live["dep"], "auto", state),
+                                         GatewayEngine(live["dep"], "auto", state), GatewayEngine(live["dep"], "auto", state, stream=True)]
+            else:
+                if live.get("dep") is not None:
+                    live.pop("dep").shutdown()
+                if live.get("serve") is None:
+                    live["serve"] = ServeEngine(path, args.serve_max_ongoing, placement)
+                engines = [LocalEngine(moe), live["serve"]]
+            print(f"  {system} alone ...", flush=True)
+            c0 = _cpu_snapshot()
+            r = _latency(engines, inputs, 1, args.requests, args.budget_s, 2, pool)
+            windows.append(_foreign(c0, _cpu_snapshot()))
+            for e in engines:
+                if isinstance(e, GatewayEngine):
+                    e.client.close()
+            sessions.append({"system": system, "p50_ms": {n: 1e3 * v["p50_s"] for n, v in r.items()}})
+            for n, v in r.items():
+                lat.setdefault(f"{n} ({system})" if n == "local_moe" else n, []).extend(v["all_s"])
+    out: dict[str, Any] = {"sessions": sessions, "engines": {}}
+    for n, ls in lat.items():
+        a = np.array(ls)
+        out["engines"][n] = {"requests": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99))}
+    return out
+
 
 def run(args: argparse.Namespace) -> dict:
     import ray
-
-    from cluster import deploy
 
     torch.set_grad_enabled(False)
     gen = torch.Generator().manual_seed(1)
     x_large = torch.randn(LARGE, HIDDEN, generator=gen)
     inputs = [torch.randn(SMALL, HIDDEN, generator=gen) for _ in range(64)]
     result: dict[str, Any] = {"config": {k: getattr(args, k) for k in ("quick", "repeats", "warmup", "requests", "budget_s", "rounds",
-                                                                        "serve_max_ongoing", "batch_wait_us", "max_foreign")}}
+                                                                        "serve_max_ongoing", "batch_wait_us", "max_foreign", "alone_rounds")}}
     dep = serve_engine = naive = None
     with tempfile.TemporaryDirectory() as tmp:
         model, moe = build(tmp)
@@ -462,17 +537,14 @@ def run(args: argparse.Namespace) -> dict:
         result["node_ip"] = ray.util.get_node_ip_address()
         try:
             t0 = time.perf_counter()
-            dep = deploy({"model": {"path": tmp}, "deployment": {
-                "name": "bench", "expert_groups": GROUPS, "routers": 1, "group_cpus": 1, "router_cpus": 1,
-                "transport": "auto", "device": "cpu", "grpc_host": "127.0.0.1",
-                **({} if args.batch_wait_us is None else {"batch_max_wait_us": args.batch_wait_us})},
-                # NOTE: the gateway stays on (the default) but on any free loopback port, not the fixed
-                # default 50051, which another deployment on this machine may hold.
-                "gateway": {"port": 0}})
+            dep = _deploy(tmp, args)
             result["deployment_settings"] = {k: getattr(dep.config.deployment, k) for k in (
                 "expert_groups", "routers", "group_cpus", "router_cpus", "batch_max_tokens", "batch_max_wait_us")}
             state: dict[str, Any] = {"mode": "auto"}
             result["startup_s"] = {"deployment": time.perf_counter() - t0}
+            infos = ray.get([g.info.remote() for g in dep.groups])
+            result["thp_mode"] = infos[0]["thp_mode"]
+            result["group_huge_page_mib"] = sum(i["huge_page_bytes"] for i in infos) >> 20
             t0 = time.perf_counter()
             naive = NaiveRayEngine(tmp, moe)
             result["startup_s"]["naive_ray"] = time.perf_counter() - t0
@@ -509,10 +581,23 @@ def run(args: argparse.Namespace) -> dict:
                 for clients in (1, CLIENTS):
                     print(f"latency at {SMALL} tokens, {clients} client(s) ...", flush=True)
                     result[f"latency_{clients}"] = _latency(engines, inputs, clients, args.requests, args.budget_s, args.rounds, pool)
-            result["foreign_cpu"] = _foreign(cpu0, _cpu_snapshot())
-            result["deployment_status"] = dep.status()
-            result["auto_chains"] = [c for d in deployments if d.mode == "auto" for c in d.chains]
-            result["auto_measured_ms"] = state.get("auto_measured_ms", [])
+                windows = [_foreign(cpu0, _cpu_snapshot())]
+                result["deployment_status"] = dep.status()
+                result["auto_chains"] = [c for d in deployments if d.mode == "auto" for c in d.chains]
+                result["auto_measured_ms"] = state.get("auto_measured_ms", [])
+                for d in deployments:
+                    if isinstance(d, GatewayEngine):
+                        d.client.close()
+                naive.shutdown()
+                naive = None
+                if args.alone_rounds:
+                    print(f"latency at {SMALL} tokens, 1 client, each system alone ({args.alone_rounds} rounds) ...", flush=True)
+                    live = {"dep": dep, "serve": serve_engine}
+                    try:
+                        result["latency_1_alone"] = _alone(args, tmp, moe, inputs, placement, pool, live, windows)
+                    finally:
+                        dep, serve_engine = live.get("dep"), live.get("serve")
+            result["foreign_cpu"] = _foreign_total(windows)
             result["engines"] = [{"name": e.name, "kind": e.kind} for e in engines]
         finally:
             if serve_engine is not None:
@@ -562,19 +647,47 @@ def check(result: dict, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     auto = next(r for r in dep if r["engine"] == "moe[auto]")
     best_tp = max(dep, key=lambda r: r["tps_4096"])
     best_p50 = min(dep, key=lambda r: r["p50_1c_ms"])
+    alone = alone_rows(result)
     best_16 = max(dep, key=lambda r: r["tps_8_16c"])
     worst_err = max(rows, key=lambda r: r["max_rel_err"])
     return [
         {"target": f"{LARGE} tok: moe-serve tokens/s / LocalMoE's", "goal": ">= 0.80", "value": best_tp["tps_4096_x_local"],
          "best": best_tp["engine"], "auto": auto["tps_4096_x_local"], "met": best_tp["tps_4096_x_local"] >= 0.8},
-        {"target": f"{SMALL} tok, 1 client: moe-serve p50 / Ray Serve's", "goal": "<= 0.50", "value": best_p50["p50_1c_x_serve"],
-         "best": best_p50["engine"], "auto": auto["p50_1c_x_serve"], "met": best_p50["p50_1c_x_serve"] <= 0.5},
+        _p50_target(best_p50, auto, alone),
         {"target": f"{SMALL} tok, {CLIENTS} clients: moe-serve tokens/s / Ray Serve's", "goal": ">= 2.00",
          "value": best_16["tps_8_16c_x_serve"], "best": best_16["engine"], "auto": auto["tps_8_16c_x_serve"],
          "met": best_16["tps_8_16c_x_serve"] >= 2.0},
         {"target": f"every engine vs LocalMoE, max rel. error ({SMALL} and {LARGE} tok)", "goal": "< 1e-5",
          "value": worst_err["max_rel_err"], "best": worst_err["engine"], "auto": auto["max_rel_err"], "met": worst_err["max_rel_err"] < 1e-5},
     ]
+
+
+def alone_rows(result: dict) -> list[dict[str, Any]]:
+    """The 'each system alone' 1-client latencies, with ratios to Ray Serve's alone."""
+    a = result.get("latency_1_alone")
+    if not a:
+        return []
+    serve = a["engines"]["ray_serve"]["p50_s"]
+    per = {}
+    for s in a["sessions"]:
+        for n, v in s["p50_ms"].items():
+            per.setdefault(f"{n} ({s['system']})" if n == "local_moe" else n, []).append(v)
+    return [{"engine": n, "p50_ms": 1e3 * v["p50_s"], "p99_ms": 1e3 * v["p99_s"], "p50_x_serve": v["p50_s"] / serve,
+             "requests": v["requests"], "sessions_p50_ms": per.get(n, [])} for n, v in a["engines"].items()]
+
+
+def _p50_target(best_side: dict[str, Any], auto: dict[str, Any], alone: list[dict[str, Any]]) -> dict[str, Any]:
+    """1 client p50 / Ray Serve's: judged with each system alone when measured (see _alone), else side by side."""
+    side = f"side by side {best_side['p50_1c_x_serve']:.4g} ({best_side['engine']})"
+    if not alone:
+        return {"target": f"{SMALL} tok, 1 client: moe-serve p50 / Ray Serve's (side by side)", "goal": "<= 0.50",
+                "value": best_side["p50_1c_x_serve"], "best": best_side["engine"], "auto": auto["p50_1c_x_serve"],
+                "met": best_side["p50_1c_x_serve"] <= 0.5}
+    ours = [r for r in alone if r["engine"].startswith("moe[")]
+    best = min(ours, key=lambda r: r["p50_ms"])
+    a_auto = next(r for r in ours if r["engine"] == "moe[auto]")
+    return {"target": f"{SMALL} tok, 1 client: moe-serve p50 / Ray Serve's (each alone; {side})", "goal": "<= 0.50",
+            "value": best["p50_x_serve"], "best": best["engine"], "auto": a_auto["p50_x_serve"], "met": best["p50_x_serve"] <= 0.5}
 
 
 SERVER_HEADERS = ("engine", "req/batch 1c", "req/batch 16c", "group busy 1c", "group busy 16c", "group ms/batch 16c",
@@ -620,7 +733,9 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
         f"Machine: {m['cores']} cores, {m['platform']}, Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads in the driver), Ray {m['ray']}, no GPU. "
         f"One `ray.init(num_cpus=8)` for every engine, node IP {result.get('node_ip')}; Serve without an HTTP proxy "
-        f"(handles only); the groups' gRPC data plane on 127.0.0.1. Load average (1 min) {result['loadavg_before'][0]:.2f} "
+        f"(handles only); the groups' gRPC data plane on 127.0.0.1. Weights in transparent huge pages for every engine "
+        f"(`THP_MEM_ALLOC_ENABLE={m.get('thp_env', '?')}`, kernel THP mode `{m.get('thp_mode', '?')}`; the deployment's "
+        f"groups held {m.get('group_huge_page_mib', '?')} MiB in huge pages). Load average (1 min) {result['loadavg_before'][0]:.2f} "
         f"before the run, {result['loadavg_after'][0]:.2f} after; run took {result['wall_s']:.0f} s.",
         "",
         f"Model: one Mixtral-shaped layer (hidden {HIDDEN}, expert width {WIDTH}, {EXPERTS} experts, top-{TOP_K}, float32), "
@@ -649,6 +764,17 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
     lines += ["", "Deployment, server side (router counters and expert-group compute time over the same slots):", "",
               "| " + " | ".join(h for h in SERVER_HEADERS) + " |", "|---" + "|---:" * (len(SERVER_HEADERS) - 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in server_rows(result)]
+    alone = alone_rows(result)
+    if alone:
+        lines += ["", f"Latency at {SMALL} tokens, 1 client, each system alone: sessions alternate {c.get('alone_rounds')} times, "
+                  "moe-serve (its deployment up, Serve shut down) then Ray Serve (the deployment shut down, Serve up), "
+                  f"{c['requests']} requests / {c['budget_s']} s per engine per session in 2 interleaved rounds; LocalMoE runs "
+                  "in every session as a control. Side by side (the table above) each system also pays for the other's "
+                  "background work on the 2 cores (Serve's controller loop and metrics, the deployment's supervisor and "
+                  "health pings); a user runs one of them. p50 of all requests of all sessions.", "",
+                  "| engine | p50 ms | p99 ms | p50 x serve | requests | p50 ms per session |", "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['engine']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_x_serve']:.2f} | {r['requests']} | "
+                  + " / ".join(f"{v:.2f}" for v in r["sessions_p50_ms"]) + " |" for r in alone]
     lines += ["", "Targets (moe-serve = its best transport for each target; `moe[auto]` shown alongside). "
               + _foreign_line(result), ""]
     lines += [f"- {t}" for t in _fmt_targets(targets)]
@@ -689,6 +815,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per latency setting (quick: 2)")
     ap.add_argument("--batch-wait-us", type=int, default=None,
                     help="the deployment's batch_max_wait_us (default: the library's default)")
+    ap.add_argument("--alone-rounds", type=int, default=None,
+                    help="sessions of the 1-client latency with each system alone, alternated (0: skip; quick: 1)")
     ap.add_argument("--serve-max-ongoing", type=int, default=32, help="Ray Serve max_ongoing_requests per deployment")
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="largest fraction of the CPUs other processes may use during the timed phases (else exit 3)")
@@ -697,7 +825,7 @@ def main() -> int:
     args = ap.parse_args()
     q = args.quick
     defaults = {"repeats": 3 if q else 7, "warmup": 1 if q else 2, "requests": 32 if q else 200, "budget_s": 1.0 if q else 8.0,
-                "rounds": 2 if q else 4}
+                "rounds": 2 if q else 4, "alone_rounds": 1 if q else 2}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -728,6 +856,8 @@ def main() -> int:
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ray": ray.__version__,
         "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
         or datetime.datetime.now().isoformat(timespec="seconds"),
+        "thp_env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "thp_mode": result.get("thp_mode"),
+        "group_huge_page_mib": result.get("group_huge_page_mib"),
     }
     rows = table(result)
     targets = check(result, rows)

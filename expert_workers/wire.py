@@ -17,6 +17,10 @@ from expert_workers.errors import InvalidRequestError
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _NUMPY: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
+# NOTE: read-only buffers (object store, gRPC messages) are never written to: every consumer copies
+# or reads. The filter names this module, so torch's warning about them stays on for other code;
+# set once here, not per call (a catch_warnings block per tensor cost more than the conversion).
+warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning, module=__name__)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -44,10 +48,7 @@ def from_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
     """(array, dtype name) -> tensor sharing the array's memory (arrays from the object store are read-only)."""
     if name not in DTYPES:
         raise InvalidRequestError(field="dtype", problem=f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
-    with warnings.catch_warnings():
-        # NOTE: read-only object-store buffers are never written to: every consumer copies or reads.
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        t = torch.from_numpy(arr)
+    t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 

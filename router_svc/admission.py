@@ -5,6 +5,8 @@ Every check raises `InvalidRequestError` naming the field and what is wrong.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -45,7 +47,10 @@ def check_hidden(x: torch.Tensor, spec: MoESpec) -> None:
         raise InvalidRequestError(field="hidden_states", problem=f"rank {x.dim()} (shape {tuple(x.shape)}); expected [tokens, hidden] or [batch, seq, hidden]")
     if x.shape[-1] != spec.hidden_size:
         raise InvalidRequestError(field="hidden_states", problem=f"hidden size {x.shape[-1]} != model hidden size {spec.hidden_size}")
-    if not bool(torch.isfinite(x).all()):
+    # NOTE: a finite sum proves every value finite (a NaN or an infinity makes the sum NaN or infinite);
+    # only a sum that is not (NaN/Inf present, or finite values overflowing it) needs the full test,
+    # which costs ten times the sum on a small request.
+    if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
         raise InvalidRequestError(field="hidden_states", problem="contains NaN or Inf")
 
 

@@ -125,6 +125,10 @@ class _NoLiveReplica(Exception):
         self.expert = expert
 
 
+# deferred metrics records go to the instruments this long after the first, or at once past this many
+METRICS_FLUSH_S = 0.05
+METRICS_FLUSH_EVERY = 256
+
 # the request span's traceparent, set by forward_tensor for the Pending it queues
 _REQUEST_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("moe_request_trace", default="")
 
@@ -190,6 +194,7 @@ class Router:
         self.degraded_tokens = {layer: 0 for layer in self.spec.moe_layers}  # answered without one of their experts
         self.tracer = make_tracer(telemetry, name)
         self.metrics: RouterMetrics | None = None
+        self._metrics_timer: asyncio.TimerHandle | None = None
         if telemetry is not None and (telemetry.prometheus_port is not None or telemetry.otlp_endpoint):
             self.metrics = RouterMetrics(telemetry, name, index, self._metric_state, layers=list(self.spec.moe_layers))
 
@@ -281,6 +286,9 @@ class Router:
             await self.gateway.stop()
         for t in self.transports.values():
             await t.close()
+        if self._metrics_timer is not None:
+            self._metrics_timer.cancel()
+            self._metrics_timer = None
         if self.metrics is not None:
             self.metrics.shutdown()
 
@@ -323,8 +331,26 @@ class Router:
                 raise
             finally:
                 _REQUEST_TRACE.reset(token)
-                if self.metrics is not None:  # recorded once the answer has left (see _run_batch_in)
-                    asyncio.get_running_loop().call_soon(self._count_request, status, time.perf_counter() - t0)
+                if self.metrics is not None:  # recorded after the answer has left (see _defer_metrics)
+                    self._defer_metrics(self._count_request, status, time.perf_counter() - t0)
+
+    def _defer_metrics(self, record: Any, *args: Any) -> None:
+        """Queue a metrics record; the queue goes to the instruments `METRICS_FLUSH_S` later in bulk (or at once
+        past `METRICS_FLUSH_EVERY` records, or when a scrape collects: see RouterMetrics.flush).
+
+        NOTE: ten-odd OpenTelemetry records per request, each on a cold cache right after the answer,
+        were about a sixth of a 2-core router's CPU per small request and delayed the next one.
+        """
+        assert self.metrics is not None
+        if self.metrics.defer(record, *args) >= METRICS_FLUSH_EVERY:
+            self.metrics.flush()
+        elif self._metrics_timer is None:
+            self._metrics_timer = asyncio.get_running_loop().call_later(METRICS_FLUSH_S, self._flush_metrics)
+
+    def _flush_metrics(self) -> None:
+        self._metrics_timer = None
+        if self.metrics is not None:
+            self.metrics.flush()
 
     def _count_request(self, status: str, seconds: float) -> None:
         assert self.metrics is not None
@@ -439,33 +465,37 @@ class Router:
             self.usage.record(layer, a, r.token_ids)
         self.degraded_tokens[layer] += len(degraded)
         if self.metrics is not None:
-            self._record_batch(self.metrics, layer, reqs, assignments, used, *times)
+            t_start = times[0]
+            # plain numbers only: the queue must not keep the requests' tensors alive
+            self._defer_metrics(self._record_batch, self.metrics, layer, [t_start - r.t_enq for r in reqs],
+                                sum(int(r.x_TD.shape[0]) for r in reqs), [(int(a.dropped), int(a.rerouted)) for a in assignments],
+                                used, *times)
 
-    def _record_batch(self, m: RouterMetrics, layer: int, reqs: list[Pending], assignments: list[Assignments],
+    def _record_batch(self, m: RouterMetrics, layer: int, queued_s: list[float], tokens: int, dropped_rerouted: list[tuple[int, int]],
                       used: str, t_start: float, t_gate: float, t_dispatched: float,
                       t_answered: float, expert_s: float | None = None) -> None:
         r_ = {"router": self.name}
-        for r in reqs:
-            m.stage.record(t_start - r.t_enq, {**r_, "stage": "queue"})
+        for q in queued_s:
+            m.stage.record(q, {**r_, "stage": "queue"})
         m.stage.record(t_gate - t_start, {**r_, "stage": "gate"})
         m.stage.record(t_dispatched - t_gate, {**r_, "stage": "dispatch"})
         m.stage.record(t_answered - t_dispatched, {**r_, "stage": "combine"})
         if expert_s is not None:  # object store and gRPC report it; RDT does not
             m.stage.record(expert_s, {**r_, "stage": "expert"})
-        m.batch_requests.record(len(reqs), r_)
-        m.batch_tokens.record(sum(int(r.x_TD.shape[0]) for r in reqs), r_)
+        m.batch_requests.record(len(queued_s), r_)
+        m.batch_tokens.record(tokens, r_)
         m.batches.add(1, {**r_, "transport": used})
-        for a in assignments:
-            if a.dropped:
-                m.dropped.add(int(a.dropped), {**r_, "layer": str(layer)})
-            if a.rerouted:
-                m.rerouted.add(int(a.rerouted), {**r_, "layer": str(layer)})
+        for dropped, rerouted in dropped_rerouted:
+            if dropped:
+                m.dropped.add(dropped, {**r_, "layer": str(layer)})
+            if rerouted:
+                m.rerouted.add(rerouted, {**r_, "layer": str(layer)})
 
     def _metric_state(self) -> dict[str, Any]:
         """What the scrape-time gauges read (called on the exporter's thread: plain reads only)."""
         table, dead = self.table, frozenset(self.dead)
         replicas = {str(l): table.lookup_alive(l, dead)[2][: self.spec.num_experts].tolist() for l in self.spec.moe_layers}
-        usage = {str(l): (self.usage.tokens[l].tolist(), self.usage.prob_sums[l].tolist(), self.usage.seen[l]) for l in self.spec.moe_layers}
+        usage = {str(l): v for l, v in self.usage.counts().items()}
         return {"replicas": replicas, "groups": len(table.groups), "groups_alive": len(table.groups) - len(dead),
                 "version": table.version, "usage": usage, "degraded": {str(l): n for l, n in self.degraded_tokens.items()}}
 
@@ -479,7 +509,7 @@ class Router:
         sizes, tokens, experts, weights = [0], [], [], []
         for a in assignments:
             n = int(a.logits_TE.shape[0])
-            tokens.append(a.token_N + sizes[-1])
+            tokens.append(a.token_N + sizes[-1] if sizes[-1] else a.token_N)
             experts.append(a.expert_N)
             weights.append(a.weight_N)
             sizes.append(sizes[-1] + n)
@@ -491,12 +521,16 @@ class Router:
             tokens.append(all_tokens)
             experts.append(torch.full((total,), self.spec.num_experts, dtype=torch.int64))
             weights.append(w)
-        token_N, expert_N, weight_N = torch.cat(tokens), torch.cat(experts), torch.cat(weights).float()
-        group_ER, local_ER, count_E = self.table.lookup_alive(layer, frozenset(self.dead))
-        count_N = count_E[expert_N]
+        # NOTE: a lone request's tensors as they are: a cat of one, like every op here, costs more than
+        # its arithmetic on a router's small batches.
+        token_N, expert_N, weight_N = (t[0] if len(t) == 1 else torch.cat(t) for t in (tokens, experts, weights))
+        weight_N = weight_N.float()
+        dead = frozenset(self.dead)
+        group_ER, local_ER, count_E = self.table.lookup_alive(layer, dead)
         degraded: list[int] = []
-        if bool((count_N == 0).any()):
-            lost = count_N == 0
+        routed_live, shared_live = self.table.live_everywhere(layer, dead)
+        if not (routed_live and (shared_live or len(tokens) == len(assignments))) and bool((count_E[expert_N] == 0).any()):
+            lost = count_E[expert_N] == 0
             if self.config.failover == "wait":
                 raise _NoLiveReplica(int(expert_N[lost][0]))
             if self.config.failover == "fail":
@@ -507,11 +541,14 @@ class Router:
             if self.config.failover == "reroute":
                 logits_TE = torch.cat([a.logits_TE.float() for a in assignments])
                 expert_N, lost = _reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
-                count_N = count_E[expert_N]
             keep = ~lost
-            token_N, expert_N, weight_N, count_N = token_N[keep], expert_N[keep], weight_N[keep], count_N[keep]
-        pick_N = _split(expert_N, self.table.split_alive(layer, frozenset(self.dead)))
-        g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
+            token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
+        single = self.table.single_copies(layer, dead)
+        if single is not None:  # one copy per slot: no split to compute
+            g_N, l_N = single[0][expert_N], single[1][expert_N]
+        else:
+            pick_N = _split(expert_N, self.table.split_alive(layer, dead))
+            g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
         plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
         return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes, degraded
@@ -572,7 +609,7 @@ class Router:
             "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
             "rdt_owner": self.config.rdt_owner,
             "dead": sorted(self.dead),
-            "expert_tokens": {int(l): self.usage.tokens[l].tolist() for l in self.spec.moe_layers},
+            "expert_tokens": {int(l): v.tolist() for l, v in self.usage.tokens.items()},
         }
 
     async def service_status(self) -> dict[str, Any]:
@@ -587,8 +624,9 @@ class Router:
         table, handles = self.table, self.groups
         uptime = max(time.monotonic() - self._started, 1e-9)
         experts = []
+        tokens = self.usage.tokens
         for layer in self.spec.moe_layers:
-            counts = self.usage.tokens[layer].tolist()
+            counts = tokens[layer].tolist()
             for e in range(self.spec.num_experts):
                 copies = table.replicas(layer, e)
                 experts.append({"layer": layer, "expert": e, "replicas": len(copies),
@@ -619,7 +657,7 @@ class Router:
         co-activation matrices and each expert's most frequent token ids (reports)."""
         out = {"name": self.name, "at": time.time(), "version": self.table.version,
                "oldest_in_flight": min(self._planned, default=self.table.version),
-               "expert_tokens": {int(l): self.usage.tokens[l].tolist() for l in self.spec.moe_layers}}
+               "expert_tokens": {int(l): v.tolist() for l, v in self.usage.tokens.items()}}
         if detail:
             snap = self.usage.snapshot()
             out.update(coactivation=snap["coactivation"], top_token_ids=snap["top_token_ids"],

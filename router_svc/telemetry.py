@@ -26,12 +26,15 @@ expert group (context carried in the call); exported as JSON lines to `trace_dir
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 from expert_workers.telemetry import Span, TelemetryConfig, extract, inject, make_tracer, otlp_missing
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RouterMetrics", "Span", "TelemetryConfig", "extract", "inject", "make_tracer"]
 
@@ -91,9 +94,15 @@ class RouterMetrics:
         for kind in SUPERVISOR_EVENTS:
             self.scaling.add(0, {**base, "kind": kind})
 
+        # records the router queued (defer) wait here for `flush`; every collection flushes first (the SDK
+        # runs all observable callbacks before it reads the synchronous instruments), so a scrape or
+        # an export never misses a request answered before it began.
+        self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
+
         def gauge(name: str, description: str, read: Callable[[dict[str, Any]], Iterator[tuple[float, dict[str, Any]]]],
                   create: Callable[..., Any] = m.create_observable_gauge) -> None:
             def callback(_options: Any) -> list[Any]:
+                self.flush()
                 try:
                     st = self._state()
                     return [Observation(v, {**base, **labels}) for v, labels in read(st)]
@@ -174,7 +183,25 @@ class RouterMetrics:
             if key[0] == "failover" and ev.get("recovery_s") is not None:
                 self.recovery.record(float(ev["recovery_s"]), {"router": self.router})
 
+    def defer(self, record: Callable[..., None], *args: Any) -> int:
+        """Queue `record(*args)` for the next flush; returns how many are queued."""
+        self._pending.append((record, args))
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Run the queued records, oldest first. Safe from any thread: each record is taken by one."""
+        while True:
+            try:
+                record, args = self._pending.popleft()
+            except IndexError:
+                return
+            try:
+                record(*args)
+            except Exception:  # one bad record never stops the rest, nor a scrape
+                log.exception("metrics record failed")
+
     def shutdown(self) -> None:
+        self.flush()
         if self._server is not None:
             self._server.shutdown()
             self._server = None

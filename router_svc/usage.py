@@ -2,11 +2,18 @@
 and, for requests that carry token ids, the ids each expert sees most (specialisation).
 
 Legend: T tokens, E experts, N assignments. Counts are cumulative since the router started.
+
+NOTE: `record` only queues a request's assignments; they are added up in bulk (one bincount and
+one co-activation product over many requests) when anything reads the counts, or once
+`FOLD_EVERY` requests (or `FOLD_TOKENS` tokens) are queued. Per request, the eight-odd small tensor ops of adding one
+request's counts cost more on a router's path than the request's own gate did.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -14,46 +21,124 @@ from router_svc.gate import Assignments
 
 # distinct token ids remembered per expert; past it the rarer half is forgotten (heavy hitters stay)
 MAX_IDS_PER_EXPERT = 4096
+# a layer's queued requests are added up, reader or not, once this many are queued or they hold
+# this many tokens (the queue keeps each request's router probabilities, T x E floats)
+FOLD_EVERY = 64
+FOLD_TOKENS = 16384
+
+
+class _Queued(NamedTuple):
+    tokens: int
+    token_N: torch.Tensor
+    expert_N: torch.Tensor
+    probs_TE: torch.Tensor | None
+    token_ids: torch.Tensor | None
 
 
 class Usage:
+    """Thread-safe: the router's loop records, a metrics exporter's thread may read."""
+
     def __init__(self, layers: list[int], num_experts: int) -> None:
         self.num_experts = num_experts
-        self.tokens = {layer: torch.zeros(num_experts, dtype=torch.int64) for layer in layers}
-        self.coactivation = {layer: torch.zeros((num_experts, num_experts), dtype=torch.int64) for layer in layers}
-        self.ids: dict[int, list[Counter]] = {layer: [Counter() for _ in range(num_experts)] for layer in layers}
+        self._lock = threading.Lock()
+        self._queued: dict[int, list[_Queued]] = {layer: [] for layer in layers}
+        self._queued_tokens = {layer: 0 for layer in layers}
+        self._tokens = {layer: torch.zeros(num_experts, dtype=torch.int64) for layer in layers}
+        self._coactivation = {layer: torch.zeros((num_experts, num_experts), dtype=torch.int64) for layer in layers}
+        self._ids: dict[int, list[Counter]] = {layer: [Counter() for _ in range(num_experts)] for layer in layers}
         # sums of the router probabilities per expert and tokens seen (the load-balancing loss's P_e)
-        self.prob_sums = {layer: torch.zeros(num_experts, dtype=torch.float64) for layer in layers}
-        self.seen = {layer: 0 for layer in layers}
+        self._prob_sums = {layer: torch.zeros(num_experts, dtype=torch.float64) for layer in layers}
+        self._seen = {layer: 0 for layer in layers}
 
     def record(self, layer: int, a: Assignments, token_ids: torch.Tensor | None = None) -> None:
-        """One request's assignments (`a.token_N`, `a.expert_N`)."""
-        e = self.num_experts
-        self.tokens[layer] += torch.bincount(a.expert_N, minlength=e)
-        t = int(a.logits_TE.shape[0])
-        if a.probs_TE is not None and t:
-            self.prob_sums[layer] += a.probs_TE.to(torch.float64).sum(0)
-        self.seen[layer] += t
-        if t == 0 or a.expert_N.numel() == 0:
+        """One request's assignments (`a.token_N`, `a.expert_N`); counted by the next read."""
+        q = _Queued(int(a.logits_TE.shape[0]), a.token_N, a.expert_N, a.probs_TE, token_ids)
+        with self._lock:
+            queued = self._queued[layer]
+            queued.append(q)
+            self._queued_tokens[layer] += q.tokens
+            if len(queued) >= FOLD_EVERY or self._queued_tokens[layer] >= FOLD_TOKENS:
+                self._fold(layer)
+
+    def _fold(self, layer: int) -> None:
+        """Add up the layer's queued requests (caller holds the lock)."""
+        queued, self._queued[layer] = self._queued[layer], []
+        self._queued_tokens[layer] = 0
+        if not queued:
             return
-        onehot_TE = torch.zeros((t, e), dtype=torch.float32)
-        onehot_TE[a.token_N, a.expert_N] = 1.0
+        e = self.num_experts
+        self._seen[layer] += sum(q.tokens for q in queued)
+        probs = [q.probs_TE for q in queued if q.probs_TE is not None and q.tokens]
+        if probs:
+            self._prob_sums[layer] += torch.cat(probs).to(torch.float64).sum(0)
+        queued = [q for q in queued if q.tokens and q.expert_N.numel()]
+        if not queued:
+            return
+        expert_N = torch.cat([q.expert_N for q in queued])
+        self._tokens[layer] += torch.bincount(expert_N, minlength=e)
+        # every request's tokens get rows of their own: token i of request r is row offset_r + i
+        offsets = torch.tensor([0] + [q.tokens for q in queued[:-1]], dtype=torch.int64).cumsum(0)
+        rows_N = torch.cat([q.token_N + int(o) for q, o in zip(queued, offsets)])
+        onehot_TE = torch.zeros((sum(q.tokens for q in queued), e), dtype=torch.float32)
+        onehot_TE[rows_N, expert_N] = 1.0
         # tokens that chose both i and j (the diagonal: tokens that chose i)
-        self.coactivation[layer] += (onehot_TE.t() @ onehot_TE).round().to(torch.int64)
-        if token_ids is not None:
-            ids = token_ids.reshape(-1)[a.token_N].tolist()
-            for tok, ex in zip(ids, a.expert_N.tolist()):
-                c = self.ids[layer][ex]
+        self._coactivation[layer] += (onehot_TE.t() @ onehot_TE).round().to(torch.int64)
+        for q in queued:
+            if q.token_ids is None:
+                continue
+            ids = q.token_ids.reshape(-1)[q.token_N].tolist()
+            for tok, ex in zip(ids, q.expert_N.tolist()):
+                c = self._ids[layer][ex]
                 c[tok] += 1
                 if len(c) > MAX_IDS_PER_EXPERT:
                     for k, _ in c.most_common()[MAX_IDS_PER_EXPERT // 2:]:
                         del c[k]
 
+    def _folded(self) -> None:
+        for layer in self._queued:
+            self._fold(layer)
+
+    @property
+    def tokens(self) -> dict[int, torch.Tensor]:
+        """Per layer, (E,) token-expert assignments per expert (a copy)."""
+        with self._lock:
+            self._folded()
+            return {layer: t.clone() for layer, t in self._tokens.items()}
+
+    @property
+    def prob_sums(self) -> dict[int, torch.Tensor]:
+        with self._lock:
+            self._folded()
+            return {layer: t.clone() for layer, t in self._prob_sums.items()}
+
+    @property
+    def seen(self) -> dict[int, int]:
+        with self._lock:
+            self._folded()
+            return dict(self._seen)
+
+    @property
+    def coactivation(self) -> dict[int, torch.Tensor]:
+        with self._lock:
+            self._folded()
+            return {layer: t.clone() for layer, t in self._coactivation.items()}
+
+    def counts(self) -> dict[int, tuple[list[int], list[float], int]]:
+        """Per layer, at one instant: (tokens per expert, router probability sums per expert, tokens seen)."""
+        with self._lock:
+            self._folded()
+            return {layer: (self._tokens[layer].tolist(), self._prob_sums[layer].tolist(), self._seen[layer]) for layer in self._tokens}
+
     def top_ids(self, layer: int, n: int = 10) -> list[list[tuple[int, int]]]:
         """Per expert, its `n` most frequent token ids with counts."""
-        return [c.most_common(n) for c in self.ids[layer]]
+        with self._lock:
+            self._fold(layer)
+            return [c.most_common(n) for c in self._ids[layer]]
 
     def snapshot(self, top: int = 10) -> dict[str, dict[int, list]]:
-        return {"expert_tokens": {l: v.tolist() for l, v in self.tokens.items()},
-                "coactivation": {l: v.tolist() for l, v in self.coactivation.items()},
-                "top_token_ids": {l: [[list(p) for p in row] for row in self.top_ids(l, top)] for l in self.tokens}}
+        with self._lock:
+            self._folded()
+            out = {"expert_tokens": {l: v.tolist() for l, v in self._tokens.items()},
+                   "coactivation": {l: v.tolist() for l, v in self._coactivation.items()},
+                   "top_token_ids": {l: [[list(p) for p in c.most_common(top)] for c in self._ids[l]] for l in self._tokens}}
+        return out
