@@ -22,7 +22,7 @@ from router_svc.gate import Assignments
 # distinct token ids remembered per expert; past it the rarer half is forgotten (heavy hitters stay)
 MAX_IDS_PER_EXPERT = 4096
 # a layer's queued requests are added up, reader or not, once this many are queued or they hold
-# this many tokens (the queue keeps each request's router probabilities, T x E floats)
+# this many tokens (bounds the co-activation product's rows, tokens x E)
 FOLD_EVERY = 64
 FOLD_TOKENS = 16384
 
@@ -31,7 +31,7 @@ class _Queued(NamedTuple):
     tokens: int
     token_N: torch.Tensor
     expert_N: torch.Tensor
-    probs_TE: torch.Tensor | None
+    prob_sums_E: torch.Tensor | None  # the request's router probabilities summed over tokens (float64)
     token_ids: torch.Tensor | None
 
 
@@ -52,7 +52,11 @@ class Usage:
 
     def record(self, layer: int, a: Assignments, token_ids: torch.Tensor | None = None) -> None:
         """One request's assignments (`a.token_N`, `a.expert_N`); counted by the next read."""
-        q = _Queued(int(a.logits_TE.shape[0]), a.token_N, a.expert_N, a.probs_TE, token_ids)
+        t = int(a.logits_TE.shape[0])
+        # NOTE: summed now, not queued whole: T x E probabilities per request, times the layers of a
+        # large model, would be a lot of memory to hold until the next read.
+        probs = a.probs_TE.sum(0, dtype=torch.float64) if a.probs_TE is not None and t else None
+        q = _Queued(t, a.token_N, a.expert_N, probs, token_ids)
         with self._lock:
             queued = self._queued[layer]
             queued.append(q)
@@ -68,9 +72,9 @@ class Usage:
             return
         e = self.num_experts
         self._seen[layer] += sum(q.tokens for q in queued)
-        probs = [q.probs_TE for q in queued if q.probs_TE is not None and q.tokens]
+        probs = [q.prob_sums_E for q in queued if q.prob_sums_E is not None]
         if probs:
-            self._prob_sums[layer] += torch.cat(probs).to(torch.float64).sum(0)
+            self._prob_sums[layer] += torch.stack(probs).sum(0)
         queued = [q for q in queued if q.tokens and q.expert_N.numel()]
         if not queued:
             return

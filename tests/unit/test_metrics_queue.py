@@ -1,0 +1,61 @@
+"""RouterMetrics' queue of deferred records: a collection (what a Prometheus scrape or an OTLP export
+runs) flushes it first, so it counts every record queued before it began; flush works from any thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from prometheus_client import generate_latest
+
+from router_svc.telemetry import RouterMetrics, TelemetryConfig
+
+pytestmark = pytest.mark.unit
+
+
+def _state() -> dict:
+    return {"replicas": {}, "groups": 1, "groups_alive": 1, "version": 1, "usage": {}, "degraded": {}}
+
+
+def _value(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+@pytest.fixture
+def metrics():
+    m = RouterMetrics(TelemetryConfig(prometheus_port=None), "r0", 0, _state, layers=[0])
+    yield m
+    m.shutdown()
+
+
+def test_a_collection_counts_every_record_queued_before_it(metrics: RouterMetrics) -> None:
+    for i in range(5):
+        n = metrics.defer(metrics.requests.add, 1, {"router": "r0", "status": "OK"})
+        assert n == i + 1
+    metrics.defer(metrics.stage.record, 0.002, {"router": "r0", "stage": "total"})
+    text = generate_latest(metrics.registry).decode()
+    assert _value(text, 'moe_requests_total{router="r0",status="OK"}') == 5
+    assert _value(text, 'moe_stage_seconds_count{router="r0",stage="total"}') == 1
+    assert metrics.defer(metrics.requests.add, 1, {"router": "r0", "status": "OK"}) == 1  # the queue was emptied
+
+
+def test_a_failing_record_does_not_stop_the_rest(metrics: RouterMetrics) -> None:
+    def broken() -> None:
+        raise RuntimeError("bad record")
+
+    metrics.defer(broken)
+    metrics.defer(metrics.requests.add, 2, {"router": "r0", "status": "OK"})
+    metrics.flush()
+    assert _value(generate_latest(metrics.registry).decode(), 'moe_requests_total{router="r0",status="OK"}') == 2
+
+
+def test_flushes_from_two_threads_run_each_record_once(metrics: RouterMetrics) -> None:
+    for _ in range(2000):
+        metrics.defer(metrics.requests.add, 1, {"router": "r0", "status": "OK"})
+    threads = [threading.Thread(target=metrics.flush) for _ in range(2)]
+    for t in threads:
+        t.start()
+    metrics.flush()
+    for t in threads:
+        t.join()
+    assert _value(generate_latest(metrics.registry).decode(), 'moe_requests_total{router="r0",status="OK"}') == 2000
