@@ -388,11 +388,15 @@ def _latency(engines: list[Engine], inputs: list[torch.Tensor], clients: int, re
             tps[e.name].append(len(ls) * inputs[0].shape[0] / wall)
     out = {}
     for e in engines:
-        a = np.array(lat[e.name])
-        out[e.name] = {"requests": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99)),
-                       "mean_s": float(a.mean()), "all_s": lat[e.name], "tokens_per_s": statistics.median(tps[e.name]),
+        out[e.name] = {**_summary(lat[e.name]), "mean_s": float(np.mean(lat[e.name])), "all_s": lat[e.name],
+                       "tokens_per_s": statistics.median(tps[e.name]),
                        "tokens_per_s_rounds": tps[e.name], "server": _server_summary(server[e.name], GROUPS)}
     return out
+
+
+def _summary(latencies: list[float]) -> dict[str, Any]:
+    a = np.array(latencies)
+    return {"requests": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99))}
 
 
 def _server_summary(c: dict[str, float], groups: int) -> dict[str, float]:
@@ -486,7 +490,7 @@ def _alone(args: argparse.Namespace, path: str, moe: Any, inputs: list[torch.Ten
     Each session's timed window is appended to `windows` (CPU taken by other processes).
     """
     lat: dict[str, list[float]] = {}
-    sessions: list[dict[str, Any]] = []
+    session_p50: dict[str, list[float]] = {}
     for _ in range(args.alone_rounds):
         for system in ("moe-serve", "ray_serve"):
             if system == "moe-serve":
@@ -510,14 +514,11 @@ def _alone(args: argparse.Namespace, path: str, moe: Any, inputs: list[torch.Ten
             for e in engines:
                 if isinstance(e, GatewayEngine):
                     e.client.close()
-            sessions.append({"system": system, "p50_ms": {n: 1e3 * v["p50_s"] for n, v in r.items()}})
             for n, v in r.items():
-                lat.setdefault(f"{n} ({system})" if n == "local_moe" else n, []).extend(v["all_s"])
-    out: dict[str, Any] = {"sessions": sessions, "engines": {}}
-    for n, ls in lat.items():
-        a = np.array(ls)
-        out["engines"][n] = {"requests": int(a.size), "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99))}
-    return out
+                label = f"{n} ({system})" if n == "local_moe" else n  # LocalMoE once per system's sessions
+                lat.setdefault(label, []).extend(v["all_s"])
+                session_p50.setdefault(label, []).append(1e3 * v["p50_s"])
+    return {"engines": {n: {**_summary(ls), "sessions_p50_ms": session_p50[n]} for n, ls in lat.items()}}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -668,12 +669,8 @@ def alone_rows(result: dict) -> list[dict[str, Any]]:
     if not a:
         return []
     serve = a["engines"]["ray_serve"]["p50_s"]
-    per = {}
-    for s in a["sessions"]:
-        for n, v in s["p50_ms"].items():
-            per.setdefault(f"{n} ({s['system']})" if n == "local_moe" else n, []).append(v)
     return [{"engine": n, "p50_ms": 1e3 * v["p50_s"], "p99_ms": 1e3 * v["p99_s"], "p50_x_serve": v["p50_s"] / serve,
-             "requests": v["requests"], "sessions_p50_ms": per.get(n, [])} for n, v in a["engines"].items()]
+             "requests": v["requests"], "sessions_p50_ms": v["sessions_p50_ms"]} for n, v in a["engines"].items()]
 
 
 def _p50_target(best_side: dict[str, Any], auto: dict[str, Any], alone: list[dict[str, Any]]) -> dict[str, Any]:

@@ -543,12 +543,8 @@ class Router:
                 expert_N, lost = _reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
             keep = ~lost
             token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
-        single = self.table.single_copies(layer, dead)
-        if single is not None:  # one copy per slot: no split to compute
-            g_N, l_N = single[0][expert_N], single[1][expert_N]
-        else:
-            pick_N = _split(expert_N, self.table.split_alive(layer, dead))
-            g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
+        pick_N = _split(expert_N, self.table.split_alive(layer, dead))
+        g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
         plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
         return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes, degraded

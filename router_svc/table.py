@@ -86,14 +86,6 @@ class RoutingTable:
             self._lookup[key] = (bool((count[: self.num_experts] > 0).all()), bool(count[self.num_experts] > 0))  # type: ignore[assignment]
         return self._lookup[key]  # type: ignore[return-value]
 
-    def single_copies(self, layer: int, dead: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(group_E, local_E) of every slot's one live copy when no slot has more than one, else None."""
-        key = ("single", layer, dead)
-        if key not in self._lookup:
-            group, local, _ = self.lookup_alive(layer, dead)
-            self._lookup[key] = (group[:, 0].contiguous(), local[:, 0].contiguous()) if group.shape[1] == 1 else None  # type: ignore[assignment]
-        return self._lookup[key]  # type: ignore[return-value]
-
     def split_alive(self, layer: int, dead: frozenset[int] = frozenset()) -> torch.Tensor:
         """(E+1, R) cumulative token shares of the live copies, in `lookup_alive`'s order, ending at 1.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -102,30 +102,28 @@ class Usage:
         for layer in self._queued:
             self._fold(layer)
 
-    @property
-    def tokens(self) -> dict[int, torch.Tensor]:
-        """Per layer, (E,) token-expert assignments per expert (a copy)."""
+    def _read(self, per_layer: dict[int, Any]) -> dict[int, Any]:
+        """A copy of one of the per-layer counts, every queued request added first."""
         with self._lock:
             self._folded()
-            return {layer: t.clone() for layer, t in self._tokens.items()}
+            return {layer: v.clone() if isinstance(v, torch.Tensor) else v for layer, v in per_layer.items()}
+
+    @property
+    def tokens(self) -> dict[int, torch.Tensor]:
+        """Per layer, (E,) token-expert assignments per expert."""
+        return self._read(self._tokens)
 
     @property
     def prob_sums(self) -> dict[int, torch.Tensor]:
-        with self._lock:
-            self._folded()
-            return {layer: t.clone() for layer, t in self._prob_sums.items()}
+        return self._read(self._prob_sums)
 
     @property
     def seen(self) -> dict[int, int]:
-        with self._lock:
-            self._folded()
-            return dict(self._seen)
+        return self._read(self._seen)
 
     @property
     def coactivation(self) -> dict[int, torch.Tensor]:
-        with self._lock:
-            self._folded()
-            return {layer: t.clone() for layer, t in self._coactivation.items()}
+        return self._read(self._coactivation)
 
     def counts(self) -> dict[int, tuple[list[int], list[float], int]]:
         """Per layer, at one instant: (tokens per expert, router probability sums per expert, tokens seen)."""
