@@ -125,6 +125,15 @@ class _NoLiveReplica(Exception):
         self.expert = expert
 
 
+@dataclass(eq=False)
+class _Watch:
+    """A dispatch in flight: the task awaiting it, the groups it waits on, and those found not answering."""
+
+    task: asyncio.Task
+    groups: frozenset[int]
+    lost: frozenset[int] = frozenset()
+
+
 # deferred metrics records go to the instruments this long after the first, or at once past this many
 METRICS_FLUSH_S = 0.05
 METRICS_FLUSH_EVERY = 256
@@ -186,7 +195,10 @@ class Router:
         self.batcher = Batcher(config, self._run_batch)
         # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
         self.dead: set[int] = set()
+        # set (and replaced) when the table or the dead set changes: batches waiting for a live replica plan again
         self._table_changed = asyncio.Event()
+        # dispatches in flight, given up on when one of their groups stops answering pings (see _dispatch_watched)
+        self._watching: set[_Watch] = set()
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {}}
@@ -245,7 +257,7 @@ class Router:
             try:
                 pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in self.groups]
                 results = await asyncio.gather(*pings, return_exceptions=True)
-                self.dead = {g for g, r in enumerate(results) if r is not True}
+                self._set_dead({g for g, r in enumerate(results) if r is not True})
                 if self.gateway is not None:
                     await self.gateway.set_serving(self._all_slots_live())
             except asyncio.CancelledError:
@@ -253,6 +265,23 @@ class Router:
             except Exception as e:  # never let one bad observation stop the watch
                 log.warning("health watch: %s", e)
             await asyncio.sleep(period_s)
+
+    def _set_dead(self, dead: set[int]) -> None:
+        """What the health watch found: dispatches waiting on a group that no longer answers are given up
+        (planned again around it), and batches waiting for a live replica look again when the set changed."""
+        changed = dead != self.dead
+        self.dead = dead
+        for w in list(self._watching):
+            lost = w.groups & dead
+            if lost and not w.lost:
+                w.lost = frozenset(lost)
+                w.task.cancel()
+        if changed:
+            self._placement_changed()
+
+    def _placement_changed(self) -> None:
+        self._table_changed.set()
+        self._table_changed = asyncio.Event()
 
     async def _measure(self, repeats: int = 3) -> None:
         """Time one probe batch per transport on real groups; fastest first. Broken ones go last."""
@@ -562,7 +591,7 @@ class Router:
             if not t.available():
                 continue
             try:
-                y = await t.dispatch(batch)
+                y = await self._dispatch_watched(t, batch)
                 if i > 0:
                     self.counters["fallbacks"] += 1
                     by = self.counters["fallbacks_by_from"]
@@ -574,6 +603,33 @@ class Router:
                 log.warning("batch falls back from %s: %s", tname, e)
                 errors.append(str(e))
         raise ExpertUnavailableError(layer=batch.layer, expert=-1, reason="; ".join(errors) or "no transport available")
+
+    async def _dispatch_watched(self, t: Transport, batch: Batch) -> torch.Tensor:
+        """`t.dispatch(batch)`, given up on when the health watch finds one of the batch's groups not
+        answering pings: a process stopped or cut off neither answers nor fails its calls, so without
+        this the batch (and, one batch in flight per layer, its layer) would wait for it forever.
+        Raised as GroupsDown, so the batch is planned again around those groups like a death.
+
+        NOTE: the watch cancels the task awaiting this (no task of its own per dispatch: this is on
+        every request's path); the cancellation is taken back here, and one from anyone else still
+        propagates (Task.cancelling counts them).
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        w = _Watch(task, frozenset(p.group for p in batch.parts))
+        self._watching.add(w)
+        try:
+            return await t.dispatch(batch)
+        except asyncio.CancelledError:
+            if not w.lost:
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+            if uncancel is not None and uncancel() > 0:
+                raise
+            t.abandon(f"expert groups {sorted(w.lost)} stopped answering mid-batch")
+            raise GroupsDown(transport=t.name, groups=tuple(sorted(w.lost)), reason="stopped answering health pings") from None
+        finally:
+            self._watching.discard(w)
 
     def _answer(self, r: Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int,
                 degraded: tuple[int, ...] = ()) -> ForwardOutput:
@@ -673,8 +729,7 @@ class Router:
         for t in self.transports.values():
             t.groups, t.addresses = self.groups, addresses
         self.dead = set()
-        self._table_changed.set()
-        self._table_changed = asyncio.Event()
+        self._placement_changed()
         return table.version
 
     async def set_transport(self, mode: str) -> dict[str, Any]:

@@ -70,5 +70,10 @@ class Transport(ABC):
     async def dispatch(self, batch: Batch) -> torch.Tensor:
         """All parts, concurrently -> outputs (N, D) in the batch's row order. Raises TransportError."""
 
+    def abandon(self, reason: str) -> None:
+        """A dispatch was given up because a group stopped answering; a path whose state may now be
+        stuck (a collective half-way through a transfer) breaks itself here. Must not block."""
+        return None
+
     async def close(self) -> None:
         return None

@@ -104,24 +104,38 @@ class RdtTransport(Transport):
                 ray.kill(worker)
             await self._reset_members()
 
-    async def _break(self, reason: str) -> None:
-        from ray.experimental.collective import destroy_collective_group
+    def abandon(self, reason: str) -> None:
+        """A member stopped answering mid-transfer: the group reads as unavailable at once and is torn
+        down in the background (destroying it may wait on the stopped member)."""
+        if self.group is not None or self.worker is not None:
+            asyncio.get_running_loop().create_task(self._teardown(*self._detach(reason)))
 
+    async def _break(self, reason: str) -> None:
+        await self._teardown(*self._detach(reason))
+
+    def _detach(self, reason: str) -> tuple[Any, Any]:
         if reason != "closing":
             log.warning("collective group broken (%s); destroying it, other transports serve meanwhile", reason)
         group, worker = self.group, self.worker
         self.group, self.worker = None, None
         self._broken_since = time.monotonic()
-        if group is not None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, lambda: destroy_collective_group(group))
-            except Exception as e:  # members may already be gone
-                log.info("destroying the broken collective group: %s", e)
+        return group, worker
+
+    async def _teardown(self, group: Any, worker: Any) -> None:
+        from ray.experimental.collective import destroy_collective_group
+
+        # NOTE: the worker goes first: members waiting on a transfer from it (stuck behind a member that
+        # stopped answering) fail at once instead of at Ray's transfer timeout; destroying may then wait.
         if worker is not None:
             try:
                 ray.kill(worker)
             except Exception:
                 pass
+        if group is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, lambda: destroy_collective_group(group))
+            except Exception as e:  # members may already be gone
+                log.info("destroying the broken collective group: %s", e)
         await self._reset_members()
 
     async def _reset_members(self) -> None:

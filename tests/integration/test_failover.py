@@ -4,6 +4,9 @@ the failover policy decides (fail: ExpertUnavailableError; drop: tokens reported
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -185,4 +188,152 @@ def test_no_replica_left_reroutes_to_the_next_best_live_expert(ray_local) -> Non
         keep = torch.tensor([t not in set(moved) for t in range(90)])
         assert _rel(got[keep], ref.forward(x, layer)[keep]) < 1e-6
     finally:
+        dep.shutdown()
+
+
+# -- a group that stops answering (stopped process, cut-off host): neither answers nor fails -------------
+
+# Liveness bounds only: the router notices a silent group within a ping period plus the ping timeout
+# (about 3 s); these bounds turn a hang into a failure, nothing is timed against them.
+NOTICED_S = 30.0
+
+
+def _pid(group) -> int:
+    return int(ray.get(group.info.remote(), timeout=30)["pid"])
+
+
+def _until(predicate, what: str, bound_s: float = NOTICED_S) -> None:
+    deadline = time.monotonic() + bound_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _dead(dep) -> list[int]:
+    return ray.get(dep.routers[0].status.remote(), timeout=30)["dead"]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "object_store"])
+def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, transport: str) -> None:
+    """SIGSTOP a group with batches in flight to it: they are given up once it misses its pings and
+    planned again on the other replicas; every request answers, exact. Continued, it serves again."""
+    dep, ref = _deploy(f"fostop-{transport}".replace("_", ""), replicas=2, supervisor=False, transport=transport)
+    victim = 1
+    pid = _pid(dep.groups[victim])
+    stopped = False
+    try:
+        gen = torch.Generator().manual_seed(6)
+        xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(200)]
+        answered = []
+        lock = threading.Lock()
+
+        def client(k: int) -> int:
+            for i in range(k, len(xs), 8):
+                got = dep.result(dep.submit(xs[i], i % 2), xs[i], timeout=120)
+                assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-6
+                with lock:
+                    answered.append(i)
+            return len(range(k, len(xs), 8))
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, k) for k in range(8)]
+            _until(lambda: len(answered) >= 20, "no traffic flowed")
+            os.kill(pid, signal.SIGSTOP)
+            stopped = True
+            assert sum(f.result() for f in futures) == len(xs)
+        status = ray.get(dep.routers[0].status.remote(), timeout=30)
+        assert victim in status["dead"], status["dead"]
+        assert status["counters"].get("failovers", 0) >= 1, status["counters"]
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        _until(lambda: _dead(dep) == [], "the continued group never read as alive again")
+        before = ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"]
+        for i in range(40):
+            x = torch.randn(1 + i, 32, generator=gen)
+            assert _rel(dep.forward(x, i % 2), ref.forward(x, i % 2)) < 1e-6
+        assert ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"] > before
+    finally:
+        dep.shutdown()
+
+
+def test_collective_member_that_stops_answering_is_replaced_and_nothing_is_lost(ray_local) -> None:
+    """RDT: a silent member wedges the collective group for every member (their transfers queue behind
+    it). The router gives the batch and the group up when the member misses its pings and serves on
+    another transport; the supervisor replaces whoever does not answer. Every request answers, exact."""
+    dep, ref = _deploy("fostoprdt", replicas=2, transport="rdt")
+    victim_name = ray.get(dep.supervisor.status.remote(), timeout=30)["groups"][1]
+    pid = _pid(dep.current_groups()[1])
+    try:
+        gen = torch.Generator().manual_seed(9)
+        xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(120)]
+        answered = []
+
+        def client(k: int) -> int:
+            for i in range(k, len(xs), 8):
+                got = dep.result(dep.submit(xs[i], i % 2), xs[i], timeout=120)
+                assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-6
+                answered.append(i)
+            return len(range(k, len(xs), 8))
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, k) for k in range(8)]
+            _until(lambda: len(answered) >= 10, "no traffic flowed")
+            os.kill(pid, signal.SIGSTOP)
+            assert sum(f.result() for f in futures) == len(xs)
+        st = ray.get(dep.supervisor.status.remote(), timeout=30)
+        assert victim_name not in st["groups"], st["groups"]
+        x = torch.randn(33, 32, generator=gen)
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # replaced: the supervisor killed it
+            pass
+        dep.shutdown()
+
+
+def test_group_that_stops_answering_with_no_replica_fails_with_a_reason(ray_local) -> None:
+    """failover=fail: a request whose expert is only on a silent group fails (not waits forever)."""
+    dep, ref = _deploy("fostopfail", replicas=1, failover="fail", supervisor=False)
+    pid = _pid(dep.groups[0])
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7))
+    try:
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(ExpertUnavailableError, match="no live replica"):
+            dep.result(dep.submit(x, 0), x, timeout=120)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        dep.shutdown()
+
+
+def test_request_waiting_on_a_silent_group_goes_on_when_it_answers_again(ray_local) -> None:
+    """failover=wait, no supervisor, no other replica: requests wait while the group is silent (one sent
+    before it was noticed, given up in flight; one sent after, held at planning) and are answered,
+    exact, as soon as the group answers pings again (not when failover_wait_s runs out)."""
+    dep, ref = _deploy("fostopwait", replicas=1, failover="wait", supervisor=False)
+    pid = _pid(dep.groups[0])
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(8))
+    stopped = False
+    try:
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
+        os.kill(pid, signal.SIGSTOP)
+        stopped = True
+        in_flight = dep.submit(x, 0)
+        _until(lambda: _dead(dep) == [0], "the silent group was never noticed")
+        held = dep.submit(x, 0)
+        ready, _ = ray.wait([in_flight, held], num_returns=2, timeout=1.0)
+        assert not ready, "answered while its only group was stopped"
+        assert ray.get(dep.routers[0].status.remote(), timeout=30)["counters"].get("failovers", 0) >= 1
+        os.kill(pid, signal.SIGCONT)
+        stopped = False
+        # NOTE: well inside failover_wait_s (60 s): the answers come from the group's return, not the wait's end.
+        want = ref.forward(x, 0)
+        assert _rel(dep.result(in_flight, x, timeout=NOTICED_S), want) < 1e-6
+        assert _rel(dep.result(held, x, timeout=NOTICED_S), want) < 1e-6
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
         dep.shutdown()
