@@ -1,5 +1,6 @@
 """Chaos: load from concurrent gRPC clients while a fault schedule kills expert groups, routers, the
-supervisor and nodes; every answer is checked against LocalMoE.
+supervisor and nodes, or stops a group's process (it neither answers nor fails); every answer is
+checked against LocalMoE.
 
 `run_chaos(target, plan)` drives one deployment (found by name on the connected Ray cluster) and
 returns a `ChaosReport`: requests sent / succeeded / failed (by status), wrong answers, degraded
@@ -46,6 +47,8 @@ class ChaosPlan:
     router_kill_at_s: tuple[float, ...] = (14.0,)
     supervisor_kill_at_s: tuple[float, ...] = (22.0, 24.0)
     node_kill_at_s: tuple[float, ...] = ()
+    # stop a random expert group's process (SIGSTOP: alive, silent) at these times; the supervisor replaces it
+    group_stop_at_s: tuple[float, ...] = ()
     # no fault in the last `quiet_s` seconds: the "after" phase
     quiet_s: float = 10.0
     max_tokens: int = 32
@@ -64,6 +67,7 @@ class ChaosPlan:
         faults += [(t, "router") for t in self.router_kill_at_s if t <= last]
         faults += [(t, "supervisor") for t in self.supervisor_kill_at_s if t <= last]
         faults += [(t, "node") for t in self.node_kill_at_s if t <= last]
+        faults += [(t, "group_stop") for t in self.group_stop_at_s if t <= last]
         return sorted(faults)
 
 
@@ -180,6 +184,25 @@ def _kill_group(target: Target, rng: random.Random, timeout: float) -> Fault:
     return Fault("group", 0.0, victim=victim, recovered_s=rec)
 
 
+def _stop_self(_actor: Any) -> None:
+    """Runs in the victim's process (any node): it stops itself, mid-call, as a hung host would."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _stop_group(target: Target, rng: random.Random, timeout: float) -> Fault:
+    st = _status(target.name, timeout=30)
+    if st is None:
+        return Fault("group_stop", 0.0, error="supervisor unavailable: no group list")
+    victim, actor = _live_actor(st["groups"], rng)
+    if actor is None:
+        return Fault("group_stop", 0.0, error="no live expert group to stop")
+    since = time.time()
+    # NOTE: never answered; the supervisor's kill of the stopped process ends the call.
+    actor.__ray_call__.remote(_stop_self)
+    rec = _wait_event(target.name, lambda e: e["kind"] == "failover" and victim in e.get("groups", []), since, timeout)
+    return Fault("group_stop", 0.0, victim=victim, recovered_s=rec)
+
+
 def _kill_router(target: Target, rng: random.Random, timeout: float) -> Fault:
     st = _status(target.name, timeout=30)
     routers = st["routers"] if st is not None else []
@@ -238,7 +261,8 @@ def _kill_node(target: Target, rng: random.Random, timeout: float) -> Fault:
     return Fault("node", 0.0, victim=victim, recovered_s=rec)
 
 
-FAULTS = {"group": _kill_group, "router": _kill_router, "supervisor": _kill_supervisor, "node": _kill_node}
+FAULTS = {"group": _kill_group, "router": _kill_router, "supervisor": _kill_supervisor, "node": _kill_node,
+          "group_stop": _stop_group}
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -320,7 +344,7 @@ def run_chaos(target: Target, plan: ChaosPlan, progress: Callable[[str], None] |
     injectors: list[threading.Thread] = []
 
     def inject(kind: str, started: float, seed: int) -> None:
-        say(f"{started:6.1f} s  kill {kind}")
+        say(f"{started:6.1f} s  {'stop group' if kind == 'group_stop' else 'kill ' + kind}")
         try:
             fault = FAULTS[kind](target, random.Random(seed), recover_timeout)
         except Exception as e:  # a fault that could not be injected is reported, not fatal

@@ -1,5 +1,5 @@
-"""Chaos on an embedded Ray: expert groups, routers and the supervisor killed while gRPC clients send
-traffic; `cluster.chaos.run_chaos` checks every answer against LocalMoE and reports every failure.
+"""Chaos on an embedded Ray: expert groups, routers and the supervisor killed (and groups stopped) while
+gRPC clients send traffic; `cluster.chaos.run_chaos` checks every answer against LocalMoE and reports every failure.
 
 Schedules are bounded (tens of seconds); recovery times are reported by the run, never asserted.
 """
@@ -43,6 +43,20 @@ def test_groups_killed_every_few_seconds_with_two_copies(ray_local) -> None:
     kills = [f for f in report.faults if f.kind == "group"]
     assert len(kills) >= 7 and all(f.recovered_s is not None for f in kills), report.table()
     assert sum(1 for e in after["events"] if e["kind"] == "failover") >= 1
+    assert report.degraded_tokens == 0
+
+
+def test_groups_stopped_under_traffic_with_two_copies(ray_local) -> None:
+    """A stopped group (SIGSTOP: alive, silent) holds no request: routers give up what was in flight to it
+    once it misses its pings, the other copy serves, the supervisor replaces it."""
+    plan = ChaosPlan(clients=8, duration_s=20.0, group_kill_every_s=0, router_kill_at_s=(), supervisor_kill_at_s=(),
+                     group_stop_at_s=(3.0, 10.0), quiet_s=6.0, seed=5)
+    report, _, after = _run(plan, replicas=2)
+    _lost_nothing(report)
+    stops = [f for f in report.faults if f.kind == "group_stop"]
+    assert len(stops) == 2 and all(f.recovered_s is not None for f in stops), report.table()
+    replaced = {g for e in after["events"] if e["kind"] == "failover" for g in e["groups"]}
+    assert {f.victim for f in stops} <= replaced, (stops, after["events"])
     assert report.degraded_tokens == 0
 
 
