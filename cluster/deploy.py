@@ -164,7 +164,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
             supervisor = ray.remote(Supervisor).options(**sup_opts).remote(
                 name, NAMESPACE, source, group_opts, group_kwargs, placement, spec.num_experts,
                 [f"{name}-group-{i}" for i in range(len(groups))], [f"{name}-router-{i}" for i in range(len(routers))],
-                d.supervisor_period_s, policy=d.elastic(), router_specs=router_specs)
+                d.supervisor_period_s, policy=d.elastic(), router_specs=router_specs, detached=detached)
             ray.get(supervisor.status.remote())
             progress("supervisor running")
     except BaseException:

@@ -59,8 +59,12 @@ class Supervisor:
     def __init__(self, name: str, namespace: str, source: SourceSpec, group_options: dict[str, Any],
                  group_kwargs: dict[str, Any], placement: Sequence[Sequence[Slot]], num_experts: int,
                  group_names: Sequence[str], router_names: Sequence[str], period_s: float = 0.5, *,
-                 policy: ElasticPolicy | None = None, router_specs: Sequence[dict[str, Any]] = ()) -> None:
+                 policy: ElasticPolicy | None = None, router_specs: Sequence[dict[str, Any]] = (),
+                 detached: bool = True) -> None:
         self.name = name
+        # NOTE: the actors made here are detached (they outlive a supervisor restart); for a deployment
+        # that ends with its driver they are tied to this supervisor's name and end when it is gone.
+        self._tie = None if detached else (f"{name}-supervisor", namespace)
         self.namespace = namespace
         self.source = source
         self.group_options = group_options
@@ -199,7 +203,7 @@ class Supervisor:
             # soft: a node without room (or gone meanwhile) leaves the choice to Ray
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
         return cls.options(name=name, namespace=self.namespace, **options).remote(
-            name, self.source, list(slots), **self.group_kwargs)
+            name, self.source, list(slots), **self.group_kwargs, tied_to=self._tie)
 
     def _node_without(self, avoid: set[str]) -> str | None:
         """A live node outside `avoid` with the fewest of this deployment's groups (None: no such node)."""
@@ -270,7 +274,7 @@ class Supervisor:
         spec = self.router_specs[index]
         table, handles = self._current_table()
         router = ray.remote(Router).options(name=rname, namespace=self.namespace, **{**spec["options"], "lifetime": "detached"}).remote(
-            table=table, groups=handles, **spec["kwargs"])
+            table=table, groups=handles, **spec["kwargs"], tied_to=self._tie)
         ray.get(router.start.remote(), timeout=120)
         self._handles[rname] = router
 

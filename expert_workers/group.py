@@ -184,7 +184,9 @@ class ExpertGroup:
         num_threads: int = 1,
         grpc_host: str = "127.0.0.1",
         telemetry: Any = None,
+        tied_to: tuple[str, str | None] | None = None,
     ) -> None:
+        """`tied_to` (name, namespace): end this actor once that actor is gone (see expert_workers.tie)."""
         if device == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
         self.name = name
@@ -194,6 +196,10 @@ class ExpertGroup:
         self.tracer = make_tracer(telemetry, name)
         self._server, port = data_grpc.serve(self._grpc_forward, host=grpc_host)
         self.grpc_address = f"{grpc_host}:{port}"
+        if tied_to is not None:
+            from expert_workers import tie
+
+            tie.watch(*tied_to)
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:

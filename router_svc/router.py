@@ -157,7 +157,13 @@ class Router:
         gateway: "GatewayConfig | None" = None,
         telemetry: TelemetryConfig | None = None,
         index: int = 0,
+        tied_to: tuple[str, str | None] | None = None,
     ) -> None:
+        """`tied_to` (name, namespace): end this actor once that actor is gone (see expert_workers.tie)."""
+        if tied_to is not None:
+            from expert_workers import tie
+
+            tie.watch(*tied_to)
         self.name = name
         self.telemetry = telemetry
         self.config = config

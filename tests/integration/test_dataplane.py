@@ -201,6 +201,80 @@ def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
         time.sleep(0.2)
 
 
+_DRIVER_LEAVES = """
+import sys, time
+import ray
+from cluster import deploy
+ray.init(address=sys.argv[1], namespace="moe-serve-tests")
+spec = dict(hidden_size=16, intermediate_size=8, num_experts=4, num_layers=1, moe_layers=[0], routing=dict(policy="topk_softmax", top_k=2))
+dep = deploy({"model": {"random": spec}, "gateway": {"port": 0},
+              "deployment": {"name": "orphans", "expert_groups": 2, "routers": 1, "supervisor_period_s": 0.2}})
+first = ray.get(dep.supervisor.status.remote())["groups"][0]
+ray.kill(dep.groups[0])
+ray.kill(dep.routers[0])
+deadline = time.time() + 120
+while True:
+    st = ray.get(dep.supervisor.status.remote())
+    if st["groups"][0] != first and any(e["kind"] == "router_restart" for e in st["events"]):
+        break
+    assert time.time() < deadline, st
+    time.sleep(0.1)
+print("NAME", dep.name, flush=True)
+"""  # ...and the driver exits without shutdown()
+
+
+def test_a_driver_that_exits_without_shutdown_leaves_no_actors(ray_local, tmp_path) -> None:
+    """A deployment that is not detached ends with its driver, replacements the supervisor made (detached,
+    to outlive a supervisor restart) included: they are tied to the supervisor and end when it is gone."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER_LEAVES)
+    address = ray.get_runtime_context().gcs_address
+    run = subprocess.run([sys.executable, str(script), address], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert run.returncode == 0, run.stderr[-3000:]
+    name = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("NAME ")][0]
+    deadline = time.time() + 60
+    while _alive_actor_names(name):
+        assert time.time() < deadline, _alive_actor_names(name)
+        time.sleep(0.5)
+
+
+def test_tied_replacements_outlive_a_supervisor_restart(ray_local, random_spec) -> None:
+    """A supervisor Ray restarts keeps its name throughout, so the actors tied to it carry on serving."""
+    from expert_workers import tie
+
+    dep = deploy({"model": {"random": random_spec}, "gateway": {"port": 0},
+                  "deployment": {"name": "tied", "expert_groups": 2, "supervisor_period_s": 0.2}})
+    try:
+        first = ray.get(dep.supervisor.status.remote())["groups"][0]
+        ray.kill(dep.groups[0])
+        deadline = time.time() + 120
+        while (st := ray.get(dep.supervisor.status.remote()))["groups"][0] == first:
+            assert time.time() < deadline, st
+            time.sleep(0.1)
+        replacement = st["groups"][0]
+        for restarts in (1, 2):
+            ray.kill(dep.supervisor, no_restart=False)
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if ray.get(dep.supervisor.status.remote(), timeout=5)["restarts"] >= restarts:
+                        break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass
+                assert time.time() < deadline
+                time.sleep(0.1)
+        time.sleep(tie.TIE_PERIOD_S * (tie.TIE_MISSES + 1))  # long enough for a tie to have ended it
+        assert replacement in _alive_actor_names(dep.name)
+        x = torch.randn(5, 48)
+        assert dep.forward(x, 0).shape == (5, 48)
+    finally:
+        dep.shutdown()
+
+
 def test_cpu_groups_ask_for_huge_pages_unless_told_not_to(ray_local, random_spec) -> None:
     """`huge_pages` reaches every CPU group's process (a replacement made by the supervisor too), and off means off."""
     on = deploy({"model": {"random": random_spec}, "gateway": {"enabled": False}, "deployment": {"name": "thp", "expert_groups": 2}})
