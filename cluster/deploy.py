@@ -22,6 +22,7 @@ import torch
 from cluster.config import ServiceConfig, load_config
 from cluster.placement import all_slots, spread_replicated
 from expert_workers import wire
+from expert_workers.errors import MoEServeError
 from cluster.supervisor import Supervisor
 from expert_workers.group import CONCURRENCY_GROUPS, THP_ENV, ExpertGroup
 from expert_workers.source import open_source
@@ -59,6 +60,11 @@ def _placed(refs: list, what: str, cpus: float) -> list:
     """ray.get with a deadline, so a cluster without room fails with a reason instead of hanging."""
     try:
         return ray.get(refs, timeout=PLACE_TIMEOUT_S)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, MoEServeError):  # a reason of ours (a config the node cannot honour): say it as is
+            raise cause from None
+        raise
     except ray.exceptions.GetTimeoutError:
         have = ray.cluster_resources().get("CPU", 0)
         raise TimeoutError(f"{what} not ready after {PLACE_TIMEOUT_S:.0f} s; the cluster may lack room "

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from expert_workers import wire
-from expert_workers.errors import BackPressureError, ExpertUnavailableError, InvalidRequestError, MoEServeError
+from expert_workers.errors import BackPressureError, ConfigError, ExpertUnavailableError, InvalidRequestError, MoEServeError
 from moe.v1 import expert_service_pb2 as pb
 from moe.v1 import expert_service_pb2_grpc as pb_grpc
 
@@ -293,17 +293,20 @@ class Gateway:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
         target = f"{host}:{config.port}"
+        creds = None
         if config.tls_cert:
             creds = grpc.ssl_server_credentials(
                 [(_read(config.tls_key), _read(config.tls_cert))],
                 root_certificates=_read(config.tls_client_ca) if config.tls_client_ca else None,
                 require_client_auth=bool(config.tls_client_ca),
             )
-            self.port = self.server.add_secure_port(target, creds)
-        else:
-            self.port = self.server.add_insecure_port(target)
+        try:
+            self.port = self.server.add_insecure_port(target) if creds is None else self.server.add_secure_port(target, creds)
+        except RuntimeError:  # gRPC's "Failed to bind", which names neither the field nor a way out
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"gateway cannot bind {target}")
+            raise ConfigError(field="gateway.port", value=config.port,
+                              expected=f"a port this node can bind on {config.host} ({target} is in use or not this node's; 0 picks a free one)")
         self.address = f"{host}:{self.port}"
 
     async def start(self) -> None:

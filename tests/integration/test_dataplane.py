@@ -201,6 +201,24 @@ def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
         time.sleep(0.2)
 
 
+def test_a_gateway_port_in_use_fails_the_deploy_with_a_reason_and_leaves_no_actors(ray_local, random_spec) -> None:
+    import socket
+
+    from expert_workers.errors import ConfigError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"gateway.port.*127.0.0.1:{port} is in use"):
+            deploy({"model": {"random": random_spec}, "gateway": {"host": "127.0.0.1", "port": port},
+                    "deployment": {"name": "portheld", "expert_groups": 2}})
+    deadline = time.time() + 30
+    while _alive_actor_names("portheld"):
+        assert time.time() < deadline, _alive_actor_names("portheld")
+        time.sleep(0.2)
+
+
 _DRIVER_LEAVES = """
 import sys, time
 import ray
