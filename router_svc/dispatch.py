@@ -97,3 +97,60 @@ def plan_rows(token_N: torch.Tensor, weight_N: torch.Tensor, g_N: torch.Tensor, 
         parts.append(part_type(group=g, start=start, end=start + n, experts=experts, counts=counts))
         start += n
     return GroupPlan(token_N=token_N[order], weight_N=weight_N[order], parts=tuple(parts))
+
+
+# -- copies and lost experts (the router's plan over the live routing table) ----------------------
+
+def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor) -> torch.Tensor:
+    """Which live copy takes each assignment: an expert's assignments of rank r (of n, in order)
+    go to the first copy whose cumulative share exceeds (r + 0.5) / n (the table's load split)."""
+    n = expert_N.numel()
+    if n == 0 or cum_ER.shape[1] == 1:
+        return torch.zeros_like(expert_N)
+    order = torch.argsort(expert_N, stable=True)
+    sorted_e = expert_N[order]
+    counts = torch.bincount(sorted_e, minlength=cum_ER.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[sorted_e]
+    u = ((rank.double() + 0.5) / counts[sorted_e].double()).unsqueeze(1)
+    pick_sorted = (cum_ER[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
+    pick = torch.empty_like(expert_N)
+    pick[order] = pick_sorted
+    return pick
+
+
+def reroute_lost(token_N: torch.Tensor, expert_N: torch.Tensor, lost_N: torch.Tensor, logits_TE: torch.Tensor,
+                  live_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Failover `reroute`: each assignment to an expert with no live copy moves, with its weight, to
+    the token's best live expert by gate logit that the token does not use yet (a token's weights
+    keep their sum). Returns the new experts and what is still lost (no live candidate; the shared
+    slot). A token losing two experts gets its best and second-best candidates, in assignment order."""
+    num_e = logits_TE.shape[1]
+    expert_N = expert_N.clone()
+    still = lost_N.clone()
+    routed = expert_N < num_e
+    used_TE = torch.zeros(logits_TE.shape, dtype=torch.bool)
+    used_TE[token_N[routed], expert_N[routed]] = True
+    todo = torch.nonzero(lost_N & routed).flatten()
+    while todo.numel():
+        toks = token_N[todo]
+        # one row per token per round, so a token's two lost rows never take the same candidate
+        first = torch.zeros_like(todo, dtype=torch.bool)
+        first[torch.tensor(first_index(toks.tolist()), dtype=torch.int64)] = True
+        rows, toks = todo[first], toks[first]
+        scores = logits_TE[toks].masked_fill(~live_E.unsqueeze(0) | used_TE[toks], float("-inf"))
+        best = scores.argmax(1)
+        ok = torch.isfinite(scores.gather(1, best[:, None]).squeeze(1))
+        expert_N[rows[ok]] = best[ok]
+        still[rows[ok]] = False
+        used_TE[toks[ok], best[ok]] = True
+        todo = todo[~first]
+    return expert_N, still
+
+
+def first_index(values: list[int]) -> list[int]:
+    """Positions of each value's first occurrence."""
+    seen: dict[int, int] = {}
+    for i, v in enumerate(values):
+        seen.setdefault(v, i)
+    return list(seen.values())

@@ -31,7 +31,7 @@ from expert_workers.weights import RouterWeights
 from router_svc import admission
 from router_svc.batching import Batcher, Pending
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import plan_rows
+from router_svc.dispatch import plan_rows, reroute_lost, split_copies
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
 from router_svc.local import SharedExperts
 from router_svc.table import RoutingTable, layer_orders
@@ -62,61 +62,6 @@ class ForwardOutput:
     transport: str = ""
     batch_requests: int = 1
     routing_table_version: int = 0
-
-
-def _split(expert_N: torch.Tensor, cum_ER: torch.Tensor) -> torch.Tensor:
-    """Which live copy takes each assignment: an expert's assignments of rank r (of n, in order)
-    go to the first copy whose cumulative share exceeds (r + 0.5) / n (the table's load split)."""
-    n = expert_N.numel()
-    if n == 0 or cum_ER.shape[1] == 1:
-        return torch.zeros_like(expert_N)
-    order = torch.argsort(expert_N, stable=True)
-    sorted_e = expert_N[order]
-    counts = torch.bincount(sorted_e, minlength=cum_ER.shape[0])
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - starts[sorted_e]
-    u = ((rank.double() + 0.5) / counts[sorted_e].double()).unsqueeze(1)
-    pick_sorted = (cum_ER[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
-    pick = torch.empty_like(expert_N)
-    pick[order] = pick_sorted
-    return pick
-
-
-def _reroute_lost(token_N: torch.Tensor, expert_N: torch.Tensor, lost_N: torch.Tensor, logits_TE: torch.Tensor,
-                  live_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Failover `reroute`: each assignment to an expert with no live copy moves, with its weight, to
-    the token's best live expert by gate logit that the token does not use yet (a token's weights
-    keep their sum). Returns the new experts and what is still lost (no live candidate; the shared
-    slot). A token losing two experts gets its best and second-best candidates, in assignment order."""
-    num_e = logits_TE.shape[1]
-    expert_N = expert_N.clone()
-    still = lost_N.clone()
-    routed = expert_N < num_e
-    used_TE = torch.zeros(logits_TE.shape, dtype=torch.bool)
-    used_TE[token_N[routed], expert_N[routed]] = True
-    todo = torch.nonzero(lost_N & routed).flatten()
-    while todo.numel():
-        toks = token_N[todo]
-        # one row per token per round, so a token's two lost rows never take the same candidate
-        first = torch.zeros_like(todo, dtype=torch.bool)
-        first[torch.tensor(_first_index(toks.tolist()), dtype=torch.int64)] = True
-        rows, toks = todo[first], toks[first]
-        scores = logits_TE[toks].masked_fill(~live_E.unsqueeze(0) | used_TE[toks], float("-inf"))
-        best = scores.argmax(1)
-        ok = torch.isfinite(scores.gather(1, best[:, None]).squeeze(1))
-        expert_N[rows[ok]] = best[ok]
-        still[rows[ok]] = False
-        used_TE[toks[ok], best[ok]] = True
-        todo = todo[~first]
-    return expert_N, still
-
-
-def _first_index(values: list[int]) -> list[int]:
-    """Positions of each value's first occurrence."""
-    seen: dict[int, int] = {}
-    for i, v in enumerate(values):
-        seen.setdefault(v, i)
-    return list(seen.values())
 
 
 class _NoLiveReplica(Exception):
@@ -172,7 +117,7 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self._inflight_tokens = 0
         self._inflight_requests = 0
-        self._started = time.monotonic()
+        self.started = time.monotonic()  # for rates since start (status_view)
         src = open_source(source)
         self.spec: MoESpec = src.spec if routing is None else replace(src.spec, routing=routing)
         self.compute_dtype = wire.DTYPES[config.dtype]
@@ -575,10 +520,10 @@ class Router:
             degraded = sorted(set(token_N[lost].tolist()))
             if self.config.failover == "reroute":
                 logits_TE = torch.cat([a.logits_TE.float() for a in assignments])
-                expert_N, lost = _reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
+                expert_N, lost = reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
             keep = ~lost
             token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
-        pick_N = _split(expert_N, self.table.split_alive(layer, dead))
+        pick_N = split_copies(expert_N, self.table.split_alive(layer, dead))
         g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
         plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
@@ -671,43 +616,10 @@ class Router:
         }
 
     async def service_status(self) -> dict[str, Any]:
-        """What the gateway's Status RPC reports: experts (copies, where, load), groups (node, device,
-        liveness, load), routers and the supervisor's recent events. Placement and load are the
-        supervisor's (a window over all routers) when it answers, else this router's own: its table
-        and the tokens it routed since it started. Liveness and device: a ping of every group."""
+        """What the gateway's Status RPC reports (see status_view.service_status)."""
         from router_svc import status_view
 
-        supervisor = await status_view.ask_supervisor(self.name)
-        # NOTE: one table throughout: update_table may swap it while this awaits the pings.
-        table, handles = self.table, self.groups
-        uptime = max(time.monotonic() - self._started, 1e-9)
-        experts = []
-        tokens = self.usage.tokens
-        for layer in self.spec.moe_layers:
-            counts = tokens[layer].tolist()
-            for e in range(self.spec.num_experts):
-                copies = table.replicas(layer, e)
-                experts.append({"layer": layer, "expert": e, "replicas": len(copies),
-                                "groups": [table.groups[g].name for g, _ in copies], "tokens_per_s": counts[e] / uptime})
-        known = {ref.name: handle for ref, handle in zip(table.groups, handles)}
-        probes = await status_view.probe_groups(list(known) + status_view.new_groups(supervisor, known), known)
-        groups = []
-        for ref, slots in zip(table.groups, table.placement):
-            info = probes[ref.name]
-            groups.append({"name": ref.name, "node_id": ref.node_id, "alive": info is not None,
-                           "device": "" if info is None else info["device"], "slots": len(slots),
-                           "scaled": False, "tokens_per_s": 0.0})
-        routers = [{"name": self.name, "address": self.gateway_address() or "", "transports": list(self.chain),
-                    "requests": self.counters["requests"], "batches": self.counters["batches"]}]
-        own = {"model": self.spec.family, "routing_table_version": table.version, "experts": experts,
-               "groups": groups, "routers": routers, "events": [], "supervisor_alive": False, "supervisor_restarts": 0}
-        if supervisor is None:
-            return own
-        try:
-            return status_view.supervised_view(own, supervisor, probes)
-        except (KeyError, TypeError, ValueError) as e:  # a supervisor of another shape: this router's view
-            log.warning("supervisor status not understood: %r", e)
-            return own
+        return await status_view.service_status(self)
 
     def load(self, detail: bool = False) -> dict[str, Any]:
         """What the supervisor observes: tokens routed per (layer, expert) since start, the table

@@ -8,7 +8,7 @@ supervisor's placement and load whenever it answers within a few seconds, and th
 own view otherwise (no supervisor, or one being restarted by Ray).
 
 The merge and the event formatting are pure functions over plain dicts; `ask_supervisor`
-and `probe_groups` are the only Ray calls.
+and `probe_groups` are the only Ray calls; `service_status` puts a router's view together.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import ray
@@ -155,3 +156,43 @@ async def probe_groups(names: Sequence[str], handles: Mapping[str, Any],
 
     results = await asyncio.gather(*(asyncio.wait_for(probe(n), timeout_s) for n in names), return_exceptions=True)
     return {n: (r if isinstance(r, dict) else None) for n, r in zip(names, results)}
+
+
+# -- the Status RPC --------------------------------------------------------------------------------
+
+async def service_status(router: Any) -> dict[str, Any]:
+    """What a router's gateway reports: experts (copies, where, load), groups (node, device,
+    liveness, load), routers and the supervisor's recent events. Placement and load are the
+    supervisor's (a window over all routers) when it answers, else the router's own: its table
+    and the tokens it routed since it started. Liveness and device: a ping of every group."""
+    supervisor = await ask_supervisor(router.name)
+    # NOTE: one table throughout: update_table may swap it while this awaits the pings.
+    table, handles, spec = router.table, router.groups, router.spec
+    uptime = max(time.monotonic() - router.started, 1e-9)
+    experts = []
+    tokens = router.usage.tokens
+    for layer in spec.moe_layers:
+        counts = tokens[layer].tolist()
+        for e in range(spec.num_experts):
+            copies = table.replicas(layer, e)
+            experts.append({"layer": layer, "expert": e, "replicas": len(copies),
+                            "groups": [table.groups[g].name for g, _ in copies], "tokens_per_s": counts[e] / uptime})
+    known = {ref.name: handle for ref, handle in zip(table.groups, handles)}
+    probes = await probe_groups(list(known) + new_groups(supervisor, known), known)
+    groups = []
+    for ref, slots in zip(table.groups, table.placement):
+        info = probes[ref.name]
+        groups.append({"name": ref.name, "node_id": ref.node_id, "alive": info is not None,
+                       "device": "" if info is None else info["device"], "slots": len(slots),
+                       "scaled": False, "tokens_per_s": 0.0})
+    routers = [{"name": router.name, "address": router.gateway_address() or "", "transports": list(router.chain),
+                "requests": router.counters["requests"], "batches": router.counters["batches"]}]
+    own = {"model": spec.family, "routing_table_version": table.version, "experts": experts,
+           "groups": groups, "routers": routers, "events": [], "supervisor_alive": False, "supervisor_restarts": 0}
+    if supervisor is None:
+        return own
+    try:
+        return supervised_view(own, supervisor, probes)
+    except (KeyError, TypeError, ValueError) as e:  # a supervisor of another shape: the router's own view
+        log.warning("supervisor status not understood: %r", e)
+        return own

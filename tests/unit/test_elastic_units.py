@@ -17,7 +17,7 @@ from expert_workers.group import SHARED, GroupCore
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec, SharedExpertSpec
 from router_svc.config import DataPlaneConfig
-from router_svc.router import _reroute_lost, _split
+from router_svc.dispatch import reroute_lost, split_copies
 from router_svc.table import GroupRef, RoutingTable
 
 pytestmark = pytest.mark.unit
@@ -179,7 +179,7 @@ def test_split_alive(shares: list[list[float]] | None, dead: frozenset[int], lay
 # -- router_svc/router.py: split over copies, reroute the lost -------------------------------
 
 def test_split_follows_the_shares_in_input_order() -> None:
-    pick = _split(torch.zeros(100, dtype=torch.int64), torch.tensor([[0.25, 1.0]], dtype=torch.float64))
+    pick = split_copies(torch.zeros(100, dtype=torch.int64), torch.tensor([[0.25, 1.0]], dtype=torch.float64))
     assert pick.tolist() == [0] * 25 + [1] * 75
 
 
@@ -187,7 +187,7 @@ def test_split_follows_the_shares_in_input_order() -> None:
 def test_split_interleaved_experts(n: int) -> None:
     cum = torch.tensor([[0.25, 0.5, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
     expert = torch.tensor([0, 1, 2] * n)
-    pick = _split(expert, cum)
+    pick = split_copies(expert, cum)
     assert pick[expert == 1].tolist() == [0] * n  # one live copy
     assert pick[expert == 2].tolist() == [1] * n  # the first copy takes no share
     p0 = pick[expert == 0].tolist()
@@ -197,8 +197,8 @@ def test_split_interleaved_experts(n: int) -> None:
 
 
 def test_split_single_copy_and_empty() -> None:
-    assert _split(torch.tensor([2, 0, 1]), torch.ones((4, 1), dtype=torch.float64)).tolist() == [0, 0, 0]
-    assert _split(torch.zeros(0, dtype=torch.int64), torch.ones((4, 2), dtype=torch.float64)).numel() == 0
+    assert split_copies(torch.tensor([2, 0, 1]), torch.ones((4, 1), dtype=torch.float64)).tolist() == [0, 0, 0]
+    assert split_copies(torch.zeros(0, dtype=torch.int64), torch.ones((4, 2), dtype=torch.float64)).numel() == 0
 
 
 def test_reroute_lost_takes_best_live_unused_expert() -> None:
@@ -207,7 +207,7 @@ def test_reroute_lost_takes_best_live_unused_expert() -> None:
     token = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2, 0])
     expert = torch.tensor([1, 2, 1, 4, 0, 2, 3, 1, 5])  # 5 == num_experts: the shared slot
     lost = ~live[expert.clamp_max(4)] | (expert == 5)
-    new, still = _reroute_lost(token, expert, lost, logits, live)
+    new, still = reroute_lost(token, expert, lost, logits, live)
     # token 0: 2 is used, so 0; token 1 loses two: 3 then 2; token 2 uses every live expert
     assert new.tolist() == [0, 2, 3, 2, 0, 2, 3, 1, 5]
     assert still.tolist() == [False] * 7 + [True, True]
@@ -216,7 +216,7 @@ def test_reroute_lost_takes_best_live_unused_expert() -> None:
 
 def test_reroute_lost_with_no_live_expert_stays_lost() -> None:
     token, expert = torch.tensor([0, 1]), torch.tensor([0, 1])
-    new, still = _reroute_lost(token, expert, torch.tensor([True, True]), torch.randn(2, 3), torch.zeros(3, dtype=torch.bool))
+    new, still = reroute_lost(token, expert, torch.tensor([True, True]), torch.randn(2, 3), torch.zeros(3, dtype=torch.bool))
     assert new.tolist() == [0, 1] and still.tolist() == [True, True]
 
 
