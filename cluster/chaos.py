@@ -170,17 +170,22 @@ def _live_actor(names: Sequence[str], rng: random.Random) -> tuple[str, Any]:
     return "", None
 
 
-def _kill_group(target: Target, rng: random.Random, timeout: float) -> Fault:
+def _group_fault(kind: str, act: Callable[[Any], None], target: Target, rng: random.Random, timeout: float) -> Fault:
+    """`act` on a random live expert group; recovered when the supervisor reports its failover."""
     st = _status(target.name, timeout=30)
     if st is None:
-        return Fault("group", 0.0, error="supervisor unavailable: no group list")
+        return Fault(kind, 0.0, error="supervisor unavailable: no group list")
     victim, actor = _live_actor(st["groups"], rng)
     if actor is None:
-        return Fault("group", 0.0, error="no live expert group to kill")
+        return Fault(kind, 0.0, error="no live expert group")
     since = time.time()
-    ray.kill(actor)
+    act(actor)
     rec = _wait_event(target.name, lambda e: e["kind"] == "failover" and victim in e.get("groups", []), since, timeout)
-    return Fault("group", 0.0, victim=victim, recovered_s=rec)
+    return Fault(kind, 0.0, victim=victim, recovered_s=rec)
+
+
+def _kill_group(target: Target, rng: random.Random, timeout: float) -> Fault:
+    return _group_fault("group", ray.kill, target, rng, timeout)
 
 
 def _stop_self(_actor: Any) -> None:
@@ -189,17 +194,8 @@ def _stop_self(_actor: Any) -> None:
 
 
 def _stop_group(target: Target, rng: random.Random, timeout: float) -> Fault:
-    st = _status(target.name, timeout=30)
-    if st is None:
-        return Fault("group_stop", 0.0, error="supervisor unavailable: no group list")
-    victim, actor = _live_actor(st["groups"], rng)
-    if actor is None:
-        return Fault("group_stop", 0.0, error="no live expert group to stop")
-    since = time.time()
-    # NOTE: never answered; the supervisor's kill of the stopped process ends the call.
-    actor.__ray_call__.remote(_stop_self)
-    rec = _wait_event(target.name, lambda e: e["kind"] == "failover" and victim in e.get("groups", []), since, timeout)
-    return Fault("group_stop", 0.0, victim=victim, recovered_s=rec)
+    # NOTE: the call is never answered; the supervisor's kill of the stopped process ends it.
+    return _group_fault("group_stop", lambda actor: actor.__ray_call__.remote(_stop_self), target, rng, timeout)
 
 
 def _kill_router(target: Target, rng: random.Random, timeout: float) -> Fault:

@@ -213,6 +213,27 @@ def _dead(dep) -> list[int]:
     return ray.get(dep.routers[0].status.remote(), timeout=30)["dead"]
 
 
+def _traffic_stopping(dep, ref, xs: list[torch.Tensor], pid: int, after: int, clients: int = 8) -> int:
+    """`clients` threads send every x once (layer i % 2), each answer checked against LocalMoE; the
+    process `pid` is stopped (SIGSTOP) once `after` answers are in. Returns the answers."""
+    answered: list[int] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> int:
+        for i in range(k, len(xs), clients):
+            got = dep.result(dep.submit(xs[i], i % 2), xs[i], timeout=120)
+            assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-6
+            with lock:
+                answered.append(i)
+        return len(range(k, len(xs), clients))
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, k) for k in range(clients)]
+        _until(lambda: len(answered) >= after, "no traffic flowed")
+        os.kill(pid, signal.SIGSTOP)
+        return sum(f.result() for f in futures)
+
+
 @pytest.mark.parametrize("transport", ["grpc", "object_store"])
 def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, transport: str) -> None:
     """SIGSTOP a group with batches in flight to it: they are given up once it misses its pings and
@@ -220,33 +241,15 @@ def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, trans
     dep, ref = _deploy(f"fostop-{transport}".replace("_", ""), replicas=2, supervisor=False, transport=transport)
     victim = 1
     pid = _pid(dep.groups[victim])
-    stopped = False
     try:
         gen = torch.Generator().manual_seed(6)
         xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(200)]
-        answered = []
-        lock = threading.Lock()
-
-        def client(k: int) -> int:
-            for i in range(k, len(xs), 8):
-                got = dep.result(dep.submit(xs[i], i % 2), xs[i], timeout=120)
-                assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-6
-                with lock:
-                    answered.append(i)
-            return len(range(k, len(xs), 8))
-
-        with cf.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(client, k) for k in range(8)]
-            _until(lambda: len(answered) >= 20, "no traffic flowed")
-            os.kill(pid, signal.SIGSTOP)
-            stopped = True
-            assert sum(f.result() for f in futures) == len(xs)
+        assert _traffic_stopping(dep, ref, xs, pid, after=20) == len(xs)
         status = ray.get(dep.routers[0].status.remote(), timeout=30)
         assert victim in status["dead"], status["dead"]
         assert status["counters"].get("failovers", 0) >= 1, status["counters"]
     finally:
-        if stopped:
-            os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)  # harmless when it was never stopped
     try:
         _until(lambda: _dead(dep) == [], "the continued group never read as alive again")
         before = ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"]
@@ -268,20 +271,7 @@ def test_collective_member_that_stops_answering_is_replaced_and_nothing_is_lost(
     try:
         gen = torch.Generator().manual_seed(9)
         xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(120)]
-        answered = []
-
-        def client(k: int) -> int:
-            for i in range(k, len(xs), 8):
-                got = dep.result(dep.submit(xs[i], i % 2), xs[i], timeout=120)
-                assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-6
-                answered.append(i)
-            return len(range(k, len(xs), 8))
-
-        with cf.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(client, k) for k in range(8)]
-            _until(lambda: len(answered) >= 10, "no traffic flowed")
-            os.kill(pid, signal.SIGSTOP)
-            assert sum(f.result() for f in futures) == len(xs)
+        assert _traffic_stopping(dep, ref, xs, pid, after=10) == len(xs)
         st = ray.get(dep.supervisor.status.remote(), timeout=30)
         assert victim_name not in st["groups"], st["groups"]
         x = torch.randn(33, 32, generator=gen)
