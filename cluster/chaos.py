@@ -160,12 +160,16 @@ def _wait_event(name: str, match: Callable[[dict[str, Any]], bool], since: float
     return None
 
 
-def _live_actor(names: Sequence[str], rng: random.Random) -> tuple[str, Any]:
-    """A random one of `names` that still exists (one just lost, e.g. with its node, is skipped)."""
+def _live_actor(names: Sequence[str], rng: random.Random, answering: bool = False) -> tuple[str, Any]:
+    """A random one of `names` that still exists (one just lost, e.g. with its node, is skipped);
+    with `answering`, one that also answers a ping (not one stopped already)."""
     for name in rng.sample(list(names), len(names)):
         try:
-            return name, ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+            if answering and ray.get(actor.ping.remote(), timeout=2.0) is not True:
+                continue
+            return name, actor
+        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             continue
     return "", None
 
@@ -175,7 +179,7 @@ def _group_fault(kind: str, act: Callable[[Any], None], target: Target, rng: ran
     st = _status(target.name, timeout=30)
     if st is None:
         return Fault(kind, 0.0, error="supervisor unavailable: no group list")
-    victim, actor = _live_actor(st["groups"], rng)
+    victim, actor = _live_actor(st["groups"], rng, answering=kind == "group_stop")
     if actor is None:
         return Fault(kind, 0.0, error="no live expert group")
     since = time.time()

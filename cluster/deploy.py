@@ -61,7 +61,7 @@ def _placed(refs: list, what: str, cpus: float) -> list:
     try:
         return ray.get(refs, timeout=PLACE_TIMEOUT_S)
     except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
+        cause = getattr(e, "cause", None)
         if isinstance(cause, MoEServeError):  # a reason of ours (a config the node cannot honour): say it as is
             raise cause from None
         raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import ray
@@ -20,19 +21,28 @@ log = logging.getLogger(__name__)
 
 # how often the tie is looked at, and how many looks in a row must find it gone
 TIE_PERIOD_S = 2.0
-TIE_MISSES = 2
+TIE_MISSES = 3
 
 
 def gone(name: str, namespace: str | None) -> bool | None:
-    """True when no live actor has `name`; None when that could not be told (GCS unreachable)."""
+    """True when no live actor has `name`; None when that could not be told.
+
+    NOTE: Ray answers any failed lookup with ValueError, an RPC failure on the way to the GCS too;
+    the name counts as gone only when the GCS answers another question right after."""
     try:
         ray.get_actor(name, namespace=namespace)
         return False
     except ValueError:
-        return True
+        pass
+    except Exception as e:
+        log.info("tie %s not checked: %r", name, e)
+        return None
+    try:
+        ray.nodes()
     except Exception as e:  # an unreachable GCS says nothing about the actor
         log.info("tie %s not checked: %r", name, e)
         return None
+    return True
 
 
 def end_self() -> None:
@@ -45,9 +55,9 @@ def watch(name: str, namespace: str | None, *, period_s: float = TIE_PERIOD_S, m
     """A daemon thread calling `on_gone` once `name` has been gone `misses` looks in a row."""
 
     def run() -> None:
-        stop = threading.Event()
         missed = 0
-        while not stop.wait(period_s):
+        while True:
+            time.sleep(period_s)
             state = gone(name, namespace)
             if state is None:
                 continue

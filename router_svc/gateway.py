@@ -306,7 +306,8 @@ class Gateway:
             self.port = 0
         if self.port == 0:
             raise ConfigError(field="gateway.port", value=config.port,
-                              expected=f"a port this node can bind on {config.host} ({target} is in use or not this node's; 0 picks a free one)")
+                              expected=f"a port this node can bind on {config.host} ({target} is in use, not permitted or not this node's; "
+                                       "0 picks a free one)")
         self.address = f"{host}:{self.port}"
 
     async def start(self) -> None:

@@ -72,10 +72,13 @@ class _NoLiveReplica(Exception):
 
 @dataclass(eq=False)
 class _Watch:
-    """A dispatch in flight: the task awaiting it, the groups it waits on, and those found not answering."""
+    """A dispatch in flight: the task awaiting it, the groups it waits on (indices into `handles`, the
+    router's group list it was planned with), the task's cancel count on entry, and those found silent."""
 
     task: asyncio.Task
     groups: frozenset[int]
+    handles: list
+    cancels: int = 0
     lost: frozenset[int] = frozenset()
 
 
@@ -206,9 +209,12 @@ class Router:
                 if st is not None:
                     self.metrics.note_events(list(st.get("events", [])))
             try:
-                pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in self.groups]
+                handles = self.groups
+                pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in handles]
                 results = await asyncio.gather(*pings, return_exceptions=True)
-                self._set_dead({g for g, r in enumerate(results) if r is not True})
+                # NOTE: a table adopted meanwhile renumbers the groups; these answers are of the old list.
+                if handles is self.groups:
+                    self._set_dead({g for g, r in enumerate(results) if r is not True})
                 if self.gateway is not None:
                     await self.gateway.set_serving(self._all_slots_live())
             except asyncio.CancelledError:
@@ -218,16 +224,23 @@ class Router:
             await asyncio.sleep(period_s)
 
     def _set_dead(self, dead: set[int]) -> None:
-        """What the health watch found: dispatches waiting on a group that no longer answers are given up
-        (planned again around it), and batches waiting for a live replica look again when the set changed."""
-        changed = dead != self.dead
+        """What the health watch found (indices into the current `self.groups`). Dispatches waiting on a
+        group that no longer answers are given up (planned again around it); a collective group with a
+        newly silent member is torn down (it wedges every member's transfers, not only the batches sent
+        to that one); batches waiting for a live replica look again when a group answers again.
+
+        NOTE: the scope is a group that stops answering pings (a stopped process, a cut-off host); pings
+        run on the group's own thread, so one whose compute hangs while its process lives is not seen."""
+        revived, newly = self.dead - dead, dead - self.dead
         self.dead = dead
         for w in list(self._watching):
             lost = w.groups & dead
-            if lost and not w.lost:
+            if lost and not w.lost and w.handles is self.groups:
                 w.lost = frozenset(lost)
                 w.task.cancel()
-        if changed:
+        if newly:
+            self.transports["rdt"].abandon(f"expert groups {sorted(newly)} stopped answering pings")
+        if revived:
             self._placement_changed()
 
     def _placement_changed(self) -> None:
@@ -380,7 +393,8 @@ class Router:
             x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
             t_gate = time.perf_counter()
             waited_until = time.monotonic() + self.config.failover_wait_s
-            for _ in range(len(self.groups) + 8):
+            retries = 0  # batches given up on dead groups; waits for a live replica do not count
+            while True:
                 try:
                     version = self.table.version
                     batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
@@ -408,12 +422,13 @@ class Router:
                     self.counters["failovers"] = self.counters.get("failovers", 0) + 1
                     if m is not None:
                         m.failovers.add(1, {"router": self.name})
+                    retries += 1
+                    if retries > len(self.groups) + 8:
+                        raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group") from None
                 finally:
                     self._planned[version] -= 1
                     if not self._planned[version]:
                         del self._planned[version]
-            else:
-                raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group")
             t_dispatched = time.perf_counter()
             out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
             if layer in self.shared:
@@ -435,6 +450,12 @@ class Router:
             for r in reqs:
                 if not r.future.done():
                     r.future.set_exception(e)
+        except asyncio.CancelledError:
+            # NOTE: a batch run in its own task carries other callers' requests: they end too, not hang.
+            for r in reqs:
+                if not r.future.done():
+                    r.future.cancel()
+            raise
         finally:
             self.batcher.done(layer)
 
@@ -563,19 +584,20 @@ class Router:
 
         NOTE: the watch cancels the task awaiting this (no task of its own per dispatch: this is on
         every request's path); the cancellation is taken back here, and one from anyone else still
-        propagates (Task.cancelling counts them).
+        propagates (Task.cancelling counts them, from Python 3.11; on 3.10 a cancel from elsewhere
+        arriving together with the watch's is taken for the watch's).
         """
         task = asyncio.current_task()
         assert task is not None
-        w = _Watch(task, frozenset(p.group for p in batch.parts))
+        counted = getattr(task, "cancelling", None)  # Python >= 3.11
+        w = _Watch(task, frozenset(p.group for p in batch.parts), self.groups, counted() if counted else 0)
         self._watching.add(w)
         try:
             return await t.dispatch(batch)
         except asyncio.CancelledError:
             if not w.lost:
                 raise
-            uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
-            if uncancel is not None and uncancel() > 0:
+            if counted is not None and task.uncancel() > w.cancels:
                 raise
             t.abandon(f"expert groups {sorted(w.lost)} stopped answering mid-batch")
             raise GroupsDown(transport=t.name, groups=tuple(sorted(w.lost)), reason="stopped answering health pings") from None

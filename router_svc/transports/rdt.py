@@ -63,6 +63,9 @@ class RdtTransport(Transport):
         self.group: Any = None
         self._broken_since: float | None = None
         self._building: asyncio.Task | None = None
+        # the expert groups the current collective group was built with, and a teardown running in the background
+        self._members: list[Any] = []
+        self._tearing: asyncio.Task | None = None
         self.rebuilds = 0
         self._attempts = 0
 
@@ -80,7 +83,11 @@ class RdtTransport(Transport):
     async def _build(self) -> None:
         from ray.experimental.collective import create_collective_group
 
+        if self._tearing is not None:
+            await asyncio.gather(self._tearing, return_exceptions=True)  # never build beside a teardown
+            self._tearing = None
         worker = None
+        members = list(self.groups)
         try:
             opts: dict[str, Any] = {"num_cpus": 0}
             if self.device == "cuda":
@@ -93,8 +100,8 @@ class RdtTransport(Transport):
             backend = "nccl" if self.backend == "nccl" else "torch_gloo"
             loop = asyncio.get_running_loop()
             # NOTE: create_collective_group blocks on its members; keep it off the event loop.
-            group = await loop.run_in_executor(None, lambda: create_collective_group([worker, *self.groups], backend=backend))
-            self.worker, self.group = worker, group
+            group = await loop.run_in_executor(None, lambda: create_collective_group([worker, *members], backend=backend))
+            self.worker, self.group, self._members = worker, group, members
             self._broken_since = None
             self.rebuilds += 1
         except Exception as e:  # a dead member makes creation fail; try again later
@@ -102,26 +109,26 @@ class RdtTransport(Transport):
             self._broken_since = time.monotonic()
             if worker is not None:
                 ray.kill(worker)
-            await self._reset_members()
+            await self._reset_members(members)
 
     def abandon(self, reason: str) -> None:
-        """A member stopped answering mid-transfer: the group reads as unavailable at once and is torn
-        down in the background (destroying it may wait on the stopped member)."""
+        """A member stopped answering: the group reads as unavailable at once and is torn down in the
+        background (destroying it may wait on the stopped member); the next build waits for that."""
         if self.group is not None or self.worker is not None:
-            asyncio.get_running_loop().create_task(self._teardown(*self._detach(reason)))
+            self._tearing = asyncio.get_running_loop().create_task(self._teardown(*self._detach(reason)))
 
     async def _break(self, reason: str) -> None:
         await self._teardown(*self._detach(reason))
 
-    def _detach(self, reason: str) -> tuple[Any, Any]:
+    def _detach(self, reason: str) -> tuple[Any, Any, list[Any]]:
         if reason != "closing":
             log.warning("collective group broken (%s); destroying it, other transports serve meanwhile", reason)
-        group, worker = self.group, self.worker
-        self.group, self.worker = None, None
+        detached = self.group, self.worker, self._members
+        self.group, self.worker, self._members = None, None, []
         self._broken_since = time.monotonic()
-        return group, worker
+        return detached
 
-    async def _teardown(self, group: Any, worker: Any) -> None:
+    async def _teardown(self, group: Any, worker: Any, members: list[Any]) -> None:
         from ray.experimental.collective import destroy_collective_group
 
         # NOTE: the worker goes first: members waiting on a transfer from it (stuck behind a member that
@@ -136,11 +143,11 @@ class RdtTransport(Transport):
                 await asyncio.get_running_loop().run_in_executor(None, lambda: destroy_collective_group(group))
             except Exception as e:  # members may already be gone
                 log.info("destroying the broken collective group: %s", e)
-        await self._reset_members()
+        await self._reset_members(members)
 
-    async def _reset_members(self) -> None:
-        """Drop the surviving members' torch.distributed state so a new group can form (see ExpertGroup)."""
-        resets = [g.reset_collective.remote() for g in self.groups]
+    async def _reset_members(self, members: Sequence[Any]) -> None:
+        """Drop the members' torch.distributed state so a new group can form (see ExpertGroup)."""
+        resets = [g.reset_collective.remote() for g in members]
         for ref in resets:
             try:
                 await asyncio.wait_for(ref, timeout=30)

@@ -274,10 +274,13 @@ def test_tied_replacements_outlive_a_supervisor_restart(ray_local, random_spec) 
             assert time.time() < deadline, st
             time.sleep(0.1)
         replacement = st["groups"][0]
+        looks = []
         for restarts in (1, 2):
             ray.kill(dep.supervisor, no_restart=False)
             deadline = time.time() + 120
             while True:
+                # what a tied actor sees while Ray restarts the supervisor: never gone
+                looks.append(tie.gone(f"{dep.name}-supervisor", "moe-serve"))
                 try:
                     if ray.get(dep.supervisor.status.remote(), timeout=5)["restarts"] >= restarts:
                         break
@@ -285,6 +288,7 @@ def test_tied_replacements_outlive_a_supervisor_restart(ray_local, random_spec) 
                     pass
                 assert time.time() < deadline
                 time.sleep(0.1)
+        assert looks and True not in looks, looks
         time.sleep(tie.TIE_PERIOD_S * (tie.TIE_MISSES + 1))  # long enough for a tie to have ended it
         assert replacement in _alive_actor_names(dep.name)
         x = torch.randn(5, 48)

@@ -176,7 +176,7 @@ def test_split_alive(shares: list[list[float]] | None, dead: frozenset[int], lay
             assert cum[row, int(count[row]) - 1] == 1.0  # exactly, so no assignment falls off the end
 
 
-# -- router_svc/router.py: split over copies, reroute the lost -------------------------------
+# -- router_svc/dispatch.py: split over copies, reroute the lost -------------------------------
 
 def test_split_follows_the_shares_in_input_order() -> None:
     pick = split_copies(torch.zeros(100, dtype=torch.int64), torch.tensor([[0.25, 1.0]], dtype=torch.float64))
