@@ -673,6 +673,15 @@ def alone_rows(result: dict) -> list[dict[str, Any]]:
              "requests": v["requests"], "sessions_p50_ms": v["sessions_p50_ms"]} for n, v in a["engines"].items()]
 
 
+def control_drift(alone: list[dict[str, Any]]) -> dict[str, float] | None:
+    """LocalMoE's p50 in each system's alone sessions: how much the machine moved between them."""
+    ctl = {r["engine"]: r["p50_ms"] for r in alone}
+    a, b = ctl.get("local_moe (moe-serve)"), ctl.get("local_moe (ray_serve)")
+    if not a or not b:
+        return None
+    return {"moe_serve_ms": a, "ray_serve_ms": b, "ratio": b / a}
+
+
 def _p50_target(best_side: dict[str, Any], auto: dict[str, Any], alone: list[dict[str, Any]]) -> dict[str, Any]:
     """1 client p50 / Ray Serve's: judged with each system alone when measured (see _alone), else side by side."""
     side = f"side by side {best_side['p50_1c_x_serve']:.4g} ({best_side['engine']})"
@@ -772,6 +781,12 @@ def markdown(result: dict, rows: list[dict[str, Any]], targets: list[dict[str, A
                   "| engine | p50 ms | p99 ms | p50 x serve | requests | p50 ms per session |", "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {r['engine']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_x_serve']:.2f} | {r['requests']} | "
                   + " / ".join(f"{v:.2f}" for v in r["sessions_p50_ms"]) + " |" for r in alone]
+        drift = control_drift(alone)
+        if drift is not None:
+            lines += ["", f"Control: LocalMoE's p50 was {drift['moe_serve_ms']:.2f} ms in moe-serve's sessions and "
+                      f"{drift['ray_serve_ms']:.2f} ms in Ray Serve's ({drift['ratio']:.2f}x): the machine itself (memory "
+                      "bandwidth shared with other tenants) was that much faster or slower for one system than for the "
+                      "other, so a p50 ratio that close to its goal is not settled by one run."]
     lines += ["", "Targets (moe-serve = its best transport for each target; `moe[auto]` shown alongside). "
               + _foreign_line(result), ""]
     lines += [f"- {t}" for t in _fmt_targets(targets)]
