@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from expert_workers import data_grpc, wire
+from expert_workers import data_grpc, tie, wire
 from expert_workers.errors import ConfigError, InvalidRequestError
 from expert_workers.ffn import GroupedExperts
 from expert_workers.source import SourceSpec, open_source
@@ -196,10 +196,7 @@ class ExpertGroup:
         self.tracer = make_tracer(telemetry, name)
         self._server, port = data_grpc.serve(self._grpc_forward, host=grpc_host)
         self.grpc_address = f"{grpc_host}:{port}"
-        if tied_to is not None:
-            from expert_workers import tie
-
-            tie.watch(*tied_to)
+        tie.tie_to(tied_to)
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:

@@ -50,6 +50,11 @@ def end_self() -> None:
     ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
+def tie_to(tied_to: tuple[str, str | None] | None) -> threading.Thread | None:
+    """`watch` the (name, namespace) an actor's constructor was given; None: not tied."""
+    return None if tied_to is None else watch(*tied_to)
+
+
 def watch(name: str, namespace: str | None, *, period_s: float = TIE_PERIOD_S, misses: int = TIE_MISSES,
           on_gone: Callable[[], None] = end_self) -> threading.Thread:
     """A daemon thread calling `on_gone` once `name` has been gone `misses` looks in a row."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_workers import wire
+from expert_workers import tie, wire
 from expert_workers.errors import BackPressureError, ConfigError, ExpertUnavailableError, InvalidRequestError
 from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
@@ -108,10 +108,7 @@ class Router:
         tied_to: tuple[str, str | None] | None = None,
     ) -> None:
         """`tied_to` (name, namespace): end this actor once that actor is gone (see expert_workers.tie)."""
-        if tied_to is not None:
-            from expert_workers import tie
-
-            tie.watch(*tied_to)
+        tie.tie_to(tied_to)
         self.name = name
         self.telemetry = telemetry
         self.config = config
@@ -225,21 +222,23 @@ class Router:
 
     def _set_dead(self, dead: set[int]) -> None:
         """What the health watch found (indices into the current `self.groups`). Dispatches waiting on a
-        group that no longer answers are given up (planned again around it); a collective group with a
-        newly silent member is torn down (it wedges every member's transfers, not only the batches sent
-        to that one); batches waiting for a live replica look again when a group answers again.
+        group that no longer answers are given up (planned again around it); every transport is told
+        (`abandon`), so a collective group with a silent member tears itself down (it wedges every
+        member's transfers, not only the batches sent to that one); batches waiting for a live replica look again when a group answers again.
 
         NOTE: the scope is a group that stops answering pings (a stopped process, a cut-off host); pings
         run on the group's own thread, so one whose compute hangs while its process lives is not seen."""
-        revived, newly = self.dead - dead, dead - self.dead
+        revived, silent = self.dead - dead, dead - self.dead
         self.dead = dead
         for w in list(self._watching):
             lost = w.groups & dead
             if lost and not w.lost and w.handles is self.groups:
                 w.lost = frozenset(lost)
                 w.task.cancel()
-        if newly:
-            self.transports["rdt"].abandon(f"expert groups {sorted(newly)} stopped answering pings")
+                silent |= lost
+        if silent:
+            for t in self.transports.values():
+                t.abandon(f"expert groups {sorted(silent)} stopped answering pings")
         if revived:
             self._placement_changed()
 
@@ -599,7 +598,6 @@ class Router:
                 raise
             if counted is not None and task.uncancel() > w.cancels:
                 raise
-            t.abandon(f"expert groups {sorted(w.lost)} stopped answering mid-batch")
             raise GroupsDown(transport=t.name, groups=tuple(sorted(w.lost)), reason="stopped answering health pings") from None
         finally:
             self._watching.discard(w)

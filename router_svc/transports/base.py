@@ -71,8 +71,9 @@ class Transport(ABC):
         """All parts, concurrently -> outputs (N, D) in the batch's row order. Raises TransportError."""
 
     def abandon(self, reason: str) -> None:
-        """A dispatch was given up because a group stopped answering; a path whose state may now be
-        stuck (a collective half-way through a transfer) breaks itself here. Must not block."""
+        """Groups stopped answering pings (the router then gives up the dispatches waiting on them); a
+        path whose state may now be stuck (a collective half-way through a transfer) breaks itself
+        here. Called on the event loop: must not block."""
         return None
 
     async def close(self) -> None:
