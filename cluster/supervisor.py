@@ -64,7 +64,7 @@ class Supervisor:
         self.name = name
         # NOTE: the actors made here are detached (they outlive a supervisor restart); for a deployment
         # that ends with its driver they are tied to this supervisor's name and end when it is gone.
-        self._tie = None if detached else (f"{name}-supervisor", namespace)
+        self._tie = None if detached else (ray.get_runtime_context().get_actor_name(), namespace)
         self.namespace = namespace
         self.source = source
         self.group_options = group_options
