@@ -108,6 +108,9 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
     name = f"{d.name}-{run_id}"
     group_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
     groups, routers = [], []
+    # the same for the groups made here and those the supervisor makes later (replacements, added groups)
+    group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
+                        telemetry=cfg.telemetry, compute_timeout_s=float(d.compute_timeout_s))
     try:
         for i in range(d.expert_groups):
             # NOTE: SPREAD puts groups on different nodes where there are several, so replicas of one
@@ -122,10 +125,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
                 # NOTE: read once by torch when the process starts, so it must be in the worker's environment
                 # (Ray merges these variables into any runtime_env the job has).
                 opts["runtime_env"] = {"env_vars": {THP_ENV: "1"}}
-            groups.append(group_cls.options(**opts).remote(
-                f"{name}-group-{i}", source, [], device=device, dtype=cfg.model.dtype,
-                num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host, telemetry=cfg.telemetry,
-            ))
+            groups.append(group_cls.options(**opts).remote(f"{name}-group-{i}", source, [], **group_kwargs))
         infos = _placed([g.info.remote() for g in groups], "expert groups", d.expert_groups * d.group_cpus)
         # NOTE: slots are dealt once Ray placed the groups, so copies of one expert go to groups
         # on different nodes wherever the cluster has them.
@@ -162,8 +162,6 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
         supervisor = None
         if d.supervisor:
             group_opts = {k: v for k, v in opts.items() if k not in ("name", "namespace")}
-            group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
-                                telemetry=cfg.telemetry)
             sup_opts: dict[str, Any] = dict(name=f"{name}-supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
             if detached:
                 sup_opts["lifetime"] = "detached"

@@ -12,6 +12,7 @@ the same order. `GroupCore` is the plain-Python part (testable without Ray);
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from expert_workers.errors import ConfigError, InvalidRequestError
 from expert_workers.ffn import GroupedExperts
 from expert_workers.source import SourceSpec, open_source
 
+log = logging.getLogger(__name__)
 # expert id of a layer's shared experts when they are hosted as a slot.
 SHARED = -1
 # Ray concurrency groups of the actor: health calls and slot changes never queue behind compute.
@@ -64,6 +66,8 @@ class GroupCore:
         self.tokens: dict[tuple[int, int], int] = {}
         self.busy_s = 0.0
         self.batches = 0
+        # monotonic time the batch computing now began (None: idle); read by the health check
+        self._computing_since: float | None = None
         self.set_slots(slots)
 
     def _layer(self, layer: int, experts: Sequence[int]) -> _LayerSlots:
@@ -130,12 +134,16 @@ class GroupCore:
         split = sum(full[:n_routed])
         with self._compute, torch.no_grad():
             t0 = time.perf_counter()
-            x = x_ND.to(device=self.device, dtype=self.dtype)
-            out = torch.empty_like(x)
-            if split:
-                out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
-            if split < x.shape[0]:
-                out[split:] = ls.shared.forward(x[split:], [x.shape[0] - split])  # type: ignore[union-attr]
+            self._computing_since = time.monotonic()
+            try:
+                x = x_ND.to(device=self.device, dtype=self.dtype)
+                out = torch.empty_like(x)
+                if split:
+                    out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
+                if split < x.shape[0]:
+                    out[split:] = ls.shared.forward(x[split:], [x.shape[0] - split])  # type: ignore[union-attr]
+            finally:
+                self._computing_since = None
             dt = time.perf_counter() - t0
         with self._lock:
             for e, c in zip(experts, counts):
@@ -143,6 +151,11 @@ class GroupCore:
             self.busy_s += dt
             self.batches += 1
         return out.to(x_ND.dtype) if out.dtype != x_ND.dtype else out
+
+    def computing_for(self) -> float:
+        """Seconds the batch computing now has been at it (0.0 when none is)."""
+        since = self._computing_since
+        return 0.0 if since is None else max(time.monotonic() - since, 0.0)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -185,11 +198,15 @@ class ExpertGroup:
         grpc_host: str = "127.0.0.1",
         telemetry: Any = None,
         tied_to: tuple[str, str | None] | None = None,
+        compute_timeout_s: float | None = None,
     ) -> None:
-        """`tied_to` (name, namespace): end this actor once that actor is gone (see expert_workers.tie)."""
+        """`tied_to` (name, namespace): end this actor once that actor is gone (see expert_workers.tie).
+        `compute_timeout_s`: a batch computing longer than this makes `ping` answer False (None: never)."""
         if device == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
         self.name = name
+        self.compute_timeout_s = compute_timeout_s
+        self._stall_logged = False
         self.core = GroupCore(source, slots, device=device, dtype=dtype)
         from expert_workers.telemetry import make_tracer
 
@@ -214,8 +231,19 @@ class ExpertGroup:
 
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:
-        """Answered on its own thread, so a group busy computing still reads as alive."""
-        return True
+        """Answered on its own thread, so a group busy computing still reads as alive: True, unless
+        one batch has computed for longer than `compute_timeout_s` (a hung kernel or a stuck device
+        leaves the process answering while no batch ever returns). Routers then give up what they
+        sent here and plan around it; the supervisor replaces the group."""
+        stalled = self.core.computing_for()
+        if self.compute_timeout_s is None or stalled <= self.compute_timeout_s:
+            self._stall_logged = False
+            return True
+        if not self._stall_logged:
+            self._stall_logged = True
+            log.error("expert group %s: one batch has computed for %.1f s (compute_timeout_s %.1f s); reporting unhealthy",
+                      self.name, stalled, self.compute_timeout_s)
+        return False
 
     @ray.method(concurrency_group="admin")
     def set_slots(self, slots: Sequence[tuple[int, int]]) -> list[list[int]]:

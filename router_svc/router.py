@@ -226,8 +226,8 @@ class Router:
         (`abandon`), so a collective group with a silent member tears itself down (it wedges every
         member's transfers, not only the batches sent to that one); batches waiting for a live replica look again when a group answers again.
 
-        NOTE: the scope is a group that stops answering pings (a stopped process, a cut-off host); pings
-        run on the group's own thread, so one whose compute hangs while its process lives is not seen."""
+        NOTE: a group that stops answering pings (a stopped process, a cut-off host) or answers False (one
+        of its batches computed longer than its compute_timeout_s: a hung kernel or device)."""
         revived, silent = self.dead - dead, dead - self.dead
         self.dead = dead
         for w in list(self._watching):

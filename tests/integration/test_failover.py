@@ -216,6 +216,11 @@ def _dead(dep) -> list[int]:
 def _traffic_stopping(dep, ref, xs: list[torch.Tensor], pid: int, after: int, clients: int = 8) -> int:
     """`clients` threads send every x once (layer i % 2), each answer checked against LocalMoE; the
     process `pid` is stopped (SIGSTOP) once `after` answers are in. Returns the answers."""
+    return _traffic_then(dep, ref, xs, lambda: os.kill(pid, signal.SIGSTOP), after, clients)
+
+
+def _traffic_then(dep, ref, xs: list[torch.Tensor], fault, after: int, clients: int = 8) -> int:
+    """As `_traffic_stopping`, with `fault()` run once `after` answers are in."""
     answered: list[int] = []
     lock = threading.Lock()
 
@@ -232,8 +237,8 @@ def _traffic_stopping(dep, ref, xs: list[torch.Tensor], pid: int, after: int, cl
         _until(lambda: len(answered) >= after or any(f.done() for f in futures), "no traffic flowed")
         for f in futures:
             if f.done():
-                f.result()  # a client that failed before the stop says why
-        os.kill(pid, signal.SIGSTOP)
+                f.result()  # a client that failed before the fault says why
+        fault()
         return sum(f.result() for f in futures)
 
 
@@ -329,4 +334,81 @@ def test_request_waiting_on_a_silent_group_goes_on_when_it_answers_again(ray_loc
     finally:
         if stopped:
             os.kill(pid, signal.SIGCONT)
+        dep.shutdown()
+
+
+# Longest a hung batch is held in the tests below (a bound: the hang ends by itself if nothing else ends it).
+HANG_BOUND_S = 60.0
+
+
+def _hang(self, bound_s: float) -> bool:
+    """Run in an ExpertGroup (`__ray_call__`): from now on every batch's expert FFN blocks until `_unhang`
+    (or `bound_s`), inside the compute, as a hung kernel or device would, while pings still answer."""
+    import threading
+
+    release = threading.Event()
+    self._hang_release = release
+    for ls in self.core.layers.values():
+        real = ls.grouped.forward
+
+        def held(x, counts, real=real):
+            release.wait(bound_s)
+            return real(x, counts)
+
+        ls.grouped.forward = held
+    return True
+
+
+def _unhang(self) -> bool:
+    for ls in self.core.layers.values():
+        ls.grouped.__dict__.pop("forward", None)
+    self._hang_release.set()
+    return True
+
+
+def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_local) -> None:
+    """A group whose batch never returns while its process answers (a hung kernel): once that batch has
+    computed longer than compute_timeout_s its pings answer False, the router gives up what it sent
+    there and plans it again on the other copies. Every request answers, exact; released, the group
+    reads as alive again and serves."""
+    dep, ref = _deploy("fohang", replicas=2, supervisor=False, transport="grpc", compute_timeout_s=1.0)
+    victim = dep.groups[1]
+    try:
+        gen = torch.Generator().manual_seed(10)
+        xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(200)]
+        hang = lambda: ray.get(victim.__ray_call__.remote(_hang, HANG_BOUND_S), timeout=30)  # noqa: E731
+        assert _traffic_then(dep, ref, xs, hang, after=20) == len(xs)
+        status = ray.get(dep.routers[0].status.remote(), timeout=30)
+        assert 1 in status["dead"], status["dead"]
+        assert status["counters"].get("failovers", 0) >= 1, status["counters"]
+        assert ray.get(victim.ping.remote(), timeout=30) is False
+    finally:
+        ray.get(victim.__ray_call__.remote(_unhang), timeout=30)
+    try:
+        _until(lambda: _dead(dep) == [], "the released group never read as alive again")
+        before = ray.get(victim.stats.remote(), timeout=30)["batches"]
+        for i in range(40):
+            x = torch.randn(1 + i, 32, generator=gen)
+            assert _rel(dep.forward(x, i % 2), ref.forward(x, i % 2)) < 1e-6
+        assert ray.get(victim.stats.remote(), timeout=30)["batches"] > before
+    finally:
+        dep.shutdown()
+
+
+def test_group_whose_compute_hangs_is_replaced_and_wait_loses_nothing(ray_local) -> None:
+    """The default policy with one copy per expert: the hung group reads unhealthy, the supervisor replaces
+    it, batches waiting on it are planned again on the replacement. Every request answers, exact."""
+    dep, ref = _deploy("fohangsup", replicas=1, failover="wait", compute_timeout_s=1.0)
+    victim_name = ray.get(dep.supervisor.status.remote(), timeout=30)["groups"][1]
+    victim = dep.current_groups()[1]
+    gen = torch.Generator().manual_seed(11)
+    xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(120)]
+    try:
+        hang = lambda: ray.get(victim.__ray_call__.remote(_hang, HANG_BOUND_S), timeout=30)  # noqa: E731
+        assert _traffic_then(dep, ref, xs, hang, after=10) == len(xs)
+        _until(lambda: victim_name not in ray.get(dep.supervisor.status.remote(), timeout=30)["groups"],
+               "the supervisor never replaced the hung group", bound_s=120)
+        x = torch.randn(33, 32, generator=gen)
+        assert _rel(dep.forward(x, 1), ref.forward(x, 1)) < 1e-6
+    finally:
         dep.shutdown()

@@ -124,6 +124,7 @@ def test_defaults() -> None:
     d = cfg.deployment
     assert (d.name, d.expert_groups, d.routers, d.transport, d.device, d.shared_experts) == ("moe", 2, 1, "auto", "auto", "router")
     assert (d.batch_max_tokens, d.batch_max_wait_us, d.grpc_host, d.huge_pages) == (4096, 500, "127.0.0.1", True)
+    assert d.compute_timeout_s == 30.0
     # empty sections are the defaults too
     assert load_config({"model": {"random": RANDOM}, "routing": None, "deployment": None}) == cfg
 
@@ -213,6 +214,10 @@ def test_path_that_does_not_exist(tmp_path: Path) -> None:
         ("group_cpus", -1, "a number >= 0"),
         ("huge_pages", "yes", "a bool"),
         ("huge_pages", 1, "a bool"),
+        ("compute_timeout_s", 0, "a number of seconds > 0"),
+        ("compute_timeout_s", -1.5, "a number of seconds > 0"),
+        ("compute_timeout_s", "30", "a number of seconds > 0"),
+        ("compute_timeout_s", True, "a number of seconds > 0"),
     ],
 )
 def test_bad_deployment_values(key: str, value: Any, expected: str) -> None:

@@ -284,3 +284,44 @@ def test_shared_slot_on_a_model_without_shared_experts_is_refused() -> None:
     plain = MoESpec(hidden_size=D, intermediate_size=I, num_experts=E, num_layers=1, moe_layers=(0,))
     with pytest.raises((AssertionError, ValueError), match="no shared experts"):
         make_core([(0, 1), (0, SHARED)], spec=plain)
+
+
+def test_computing_for_counts_only_while_a_batch_computes() -> None:
+    """The health check's reading: 0 while idle, the running batch's age while one computes (here held
+    inside the expert FFN), 0 again once it returned, and once it raised."""
+    import threading
+
+    core = make_core()
+    assert core.computing_for() == 0.0
+    ls = core.layers[0]
+    inside, release = threading.Event(), threading.Event()
+    real = ls.grouped.forward
+
+    def held(x, counts):
+        inside.set()
+        assert release.wait(30), "never released"
+        return real(x, counts)
+
+    ls.grouped.forward = held
+    x = inputs(3)
+    out: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: out.append(core.compute(0, [1], [3], x)))
+    t.start()
+    try:
+        assert inside.wait(30)
+        first = core.computing_for()
+        assert first > 0.0
+        assert release.wait(0.05) is False and core.computing_for() > first  # it grows while the batch is held
+    finally:
+        release.set()
+        t.join(30)
+    check(out[0], reference(0, [1], [3], x))
+    assert core.computing_for() == 0.0
+
+    def broken(x, counts):
+        raise RuntimeError("kernel failed")
+
+    ls.grouped.forward = broken
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        core.compute(0, [1], [3], x)
+    assert core.computing_for() == 0.0
