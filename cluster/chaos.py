@@ -48,6 +48,9 @@ class ChaosPlan:
     node_kill_at_s: tuple[float, ...] = ()
     # stop a random expert group's process (SIGSTOP: alive, silent) at these times; the supervisor replaces it
     group_stop_at_s: tuple[float, ...] = ()
+    # hang a random expert group's compute (its batches never return; its process still answers) at these
+    # times: it reports itself unhealthy after deployment.compute_timeout_s and the supervisor replaces it
+    group_hang_at_s: tuple[float, ...] = ()
     # no fault in the last `quiet_s` seconds: the "after" phase
     quiet_s: float = 10.0
     max_tokens: int = 32
@@ -67,6 +70,7 @@ class ChaosPlan:
         faults += [(t, "supervisor") for t in self.supervisor_kill_at_s if t <= last]
         faults += [(t, "node") for t in self.node_kill_at_s if t <= last]
         faults += [(t, "group_stop") for t in self.group_stop_at_s if t <= last]
+        faults += [(t, "group_hang") for t in self.group_hang_at_s if t <= last]
         return sorted(faults)
 
 
@@ -179,7 +183,7 @@ def _group_fault(kind: str, act: Callable[[Any], None], target: Target, rng: ran
     st = _status(target.name, timeout=30)
     if st is None:
         return Fault(kind, 0.0, error="supervisor unavailable: no group list")
-    victim, actor = _live_actor(st["groups"], rng, answering=kind == "group_stop")
+    victim, actor = _live_actor(st["groups"], rng, answering=kind in ("group_stop", "group_hang"))
     if actor is None:
         return Fault(kind, 0.0, error="no live expert group")
     since = time.time()
@@ -200,6 +204,45 @@ def _stop_self(_actor: Any) -> None:
 def _stop_group(target: Target, rng: random.Random, timeout: float) -> Fault:
     # NOTE: the call is never answered; the supervisor's kill of the stopped process ends it.
     return _group_fault("group_stop", lambda actor: actor.__ray_call__.remote(_stop_self), target, rng, timeout)
+
+
+# a hung compute ends by itself after this long, if nothing (the supervisor's kill) ended it before
+HANG_BOUND_S = 300.0
+
+
+def hang_compute(group: Any, bound_s: float = HANG_BOUND_S) -> bool:
+    """Runs in an ExpertGroup (`__ray_call__`): from now on every batch blocks inside its expert FFN, as
+    on a hung kernel or device, until `release_compute` or `bound_s`; the process still answers pings."""
+    release = threading.Event()
+    group._chaos_release = release
+    for ls in group.core.layers.values():
+        for ffn in (ls.grouped, ls.shared):
+            if ffn is None:
+                continue
+            real = ffn.forward
+
+            def held(x: Any, counts: Any, real: Callable[..., Any] = real) -> Any:
+                release.wait(bound_s)
+                return real(x, counts)
+
+            ffn.forward = held
+    return True
+
+
+def release_compute(group: Any) -> bool:
+    """Runs in an ExpertGroup: undoes `hang_compute` (held batches go on, new ones compute at once)."""
+    for ls in group.core.layers.values():
+        for ffn in (ls.grouped, ls.shared):
+            if ffn is not None:
+                ffn.__dict__.pop("forward", None)
+    release = getattr(group, "_chaos_release", None)
+    if release is not None:
+        release.set()
+    return True
+
+
+def _hang_group(target: Target, rng: random.Random, timeout: float) -> Fault:
+    return _group_fault("group_hang", lambda actor: ray.get(actor.__ray_call__.remote(hang_compute), timeout=30), target, rng, timeout)
 
 
 def _kill_router(target: Target, rng: random.Random, timeout: float) -> Fault:
@@ -260,8 +303,9 @@ def _kill_node(target: Target, rng: random.Random, timeout: float) -> Fault:
     return Fault("node", 0.0, victim=victim, recovered_s=rec)
 
 
+_ACTIONS = {"group_stop": "stop group", "group_hang": "hang group"}
 FAULTS = {"group": _kill_group, "router": _kill_router, "supervisor": _kill_supervisor, "node": _kill_node,
-          "group_stop": _stop_group}
+          "group_stop": _stop_group, "group_hang": _hang_group}
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -343,7 +387,7 @@ def run_chaos(target: Target, plan: ChaosPlan, progress: Callable[[str], None] |
     injectors: list[threading.Thread] = []
 
     def inject(kind: str, started: float, seed: int) -> None:
-        say(f"{started:6.1f} s  {'stop group' if kind == 'group_stop' else 'kill ' + kind}")
+        say(f"{started:6.1f} s  {_ACTIONS.get(kind, 'kill ' + kind)}")
         try:
             fault = FAULTS[kind](target, random.Random(seed), recover_timeout)
         except Exception as e:  # a fault that could not be injected is reported, not fatal
@@ -431,4 +475,6 @@ def embedded_config(*, replicas: int = 2, failover: str = "wait", groups: int = 
     return {"model": {"random": SMALL_MODEL, "seed": seed}, "gateway": {"port": free_ports(routers)},
             "deployment": {"name": "chaos", "expert_groups": groups, "routers": routers, "replicas": replicas,
                            "failover": failover, "transport": "object_store", "supervisor_period_s": 0.2,
+                           # batches here take milliseconds: a hung one is told from a slow one within 2 s
+                           "compute_timeout_s": 2.0,
                            "group_cpus": 0.5, "router_cpus": 0.5}}

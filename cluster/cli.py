@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--node-at", type=float, nargs="*", default=[], metavar="SECONDS", help="kill a node (its raylet) at these times (multi-node only)")
     ch.add_argument("--stop-group-at", type=float, nargs="*", default=[], metavar="SECONDS",
                     help="stop a random expert group's process (SIGSTOP: alive but silent) at these times")
+    ch.add_argument("--hang-group-at", type=float, nargs="*", default=[], metavar="SECONDS",
+                    help="hang a random expert group's compute (batches never return, pings still answer) at these times")
     ch.add_argument("--quiet", type=float, default=10.0, metavar="SECONDS", help="fault-free time at the end (default: 10)")
     ch.add_argument("--replicas", type=int, default=2, help="embedded deployment: copies per expert (default: 2)")
     ch.add_argument("--failover", default="wait", choices=["wait", "reroute", "drop", "fail"], help="embedded deployment: failover policy")
@@ -210,7 +212,8 @@ def _chaos(args: argparse.Namespace) -> int:
 
     plan = chaos.ChaosPlan(clients=args.clients, duration_s=args.duration, group_kill_every_s=args.group_every,
                            router_kill_at_s=tuple(args.router_at), supervisor_kill_at_s=tuple(args.supervisor_at),
-                           node_kill_at_s=tuple(args.node_at), group_stop_at_s=tuple(args.stop_group_at), quiet_s=args.quiet,
+                           node_kill_at_s=tuple(args.node_at), group_stop_at_s=tuple(args.stop_group_at),
+                           group_hang_at_s=tuple(args.hang_group_at), quiet_s=args.quiet,
                            seed=args.seed)
     dep = None
     if args.name is None:

@@ -60,6 +60,21 @@ def test_groups_stopped_under_traffic_with_two_copies(ray_local) -> None:
     assert report.degraded_tokens == 0
 
 
+def test_groups_hung_under_traffic_with_two_copies(ray_local) -> None:
+    """A group whose compute hangs (batches never return, pings still answer) holds no request: past
+    compute_timeout_s it reports itself unhealthy, routers give up what they sent it, the other copy
+    serves, the supervisor replaces it."""
+    plan = ChaosPlan(clients=8, duration_s=20.0, group_kill_every_s=0, router_kill_at_s=(), supervisor_kill_at_s=(),
+                     group_hang_at_s=(3.0, 10.0), quiet_s=6.0, seed=6)
+    report, _, after = _run(plan, replicas=2)
+    _lost_nothing(report)
+    hangs = [f for f in report.faults if f.kind == "group_hang"]
+    assert len(hangs) == 2 and all(f.recovered_s is not None for f in hangs), report.table()
+    replaced = {g for e in after["events"] if e["kind"] == "failover" for g in e["groups"]}
+    assert {f.victim for f in hangs} <= replaced, (hangs, after["events"])
+    assert report.degraded_tokens == 0
+
+
 @pytest.mark.parametrize("failover", ["wait", "reroute"])
 def test_groups_killed_with_one_copy(ray_local, failover: str) -> None:
     plan = ChaosPlan(clients=8, duration_s=18.0, group_kill_every_s=4.0, router_kill_at_s=(), supervisor_kill_at_s=(), quiet_s=5.0, seed=2)

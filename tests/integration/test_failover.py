@@ -15,6 +15,7 @@ import ray
 import torch
 
 from cluster import deploy
+from cluster.chaos import hang_compute, release_compute
 from expert_workers.errors import ExpertUnavailableError
 from router_svc import LocalMoE
 
@@ -337,35 +338,6 @@ def test_request_waiting_on_a_silent_group_goes_on_when_it_answers_again(ray_loc
         dep.shutdown()
 
 
-# Longest a hung batch is held in the tests below (a bound: the hang ends by itself if nothing else ends it).
-HANG_BOUND_S = 60.0
-
-
-def _hang(self, bound_s: float) -> bool:
-    """Run in an ExpertGroup (`__ray_call__`): from now on every batch's expert FFN blocks until `_unhang`
-    (or `bound_s`), inside the compute, as a hung kernel or device would, while pings still answer."""
-    import threading
-
-    release = threading.Event()
-    self._hang_release = release
-    for ls in self.core.layers.values():
-        real = ls.grouped.forward
-
-        def held(x, counts, real=real):
-            release.wait(bound_s)
-            return real(x, counts)
-
-        ls.grouped.forward = held
-    return True
-
-
-def _unhang(self) -> bool:
-    for ls in self.core.layers.values():
-        ls.grouped.__dict__.pop("forward", None)
-    self._hang_release.set()
-    return True
-
-
 def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_local) -> None:
     """A group whose batch never returns while its process answers (a hung kernel): once that batch has
     computed longer than compute_timeout_s its pings answer False, the router gives up what it sent
@@ -376,14 +348,14 @@ def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_loc
     try:
         gen = torch.Generator().manual_seed(10)
         xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(200)]
-        hang = lambda: ray.get(victim.__ray_call__.remote(_hang, HANG_BOUND_S), timeout=30)  # noqa: E731
+        hang = lambda: ray.get(victim.__ray_call__.remote(hang_compute), timeout=30)  # noqa: E731
         assert _traffic_then(dep, ref, xs, hang, after=20) == len(xs)
         status = ray.get(dep.routers[0].status.remote(), timeout=30)
         assert 1 in status["dead"], status["dead"]
         assert status["counters"].get("failovers", 0) >= 1, status["counters"]
         assert ray.get(victim.ping.remote(), timeout=30) is False
     finally:
-        ray.get(victim.__ray_call__.remote(_unhang), timeout=30)
+        ray.get(victim.__ray_call__.remote(release_compute), timeout=30)
     try:
         _until(lambda: _dead(dep) == [], "the released group never read as alive again")
         before = ray.get(victim.stats.remote(), timeout=30)["batches"]
@@ -404,7 +376,7 @@ def test_group_whose_compute_hangs_is_replaced_and_wait_loses_nothing(ray_local)
     gen = torch.Generator().manual_seed(11)
     xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(120)]
     try:
-        hang = lambda: ray.get(victim.__ray_call__.remote(_hang, HANG_BOUND_S), timeout=30)  # noqa: E731
+        hang = lambda: ray.get(victim.__ray_call__.remote(hang_compute), timeout=30)  # noqa: E731
         assert _traffic_then(dep, ref, xs, hang, after=10) == len(xs)
         _until(lambda: victim_name not in ray.get(dep.supervisor.status.remote(), timeout=30)["groups"],
                "the supervisor never replaced the hung group", bound_s=120)
