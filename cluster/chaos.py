@@ -29,10 +29,11 @@ import ray
 import torch
 
 from expert_workers.errors import MoEServeError
+from router_svc import names
 from router_svc.client import MoEClient, TLSOptions
 from router_svc.local import LocalMoE
 
-NAMESPACE = "moe-serve"
+NAMESPACE = names.NAMESPACE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +144,7 @@ def _status(name: str, timeout: float = 5.0) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return ray.get(ray.get_actor(f"{name}-supervisor", namespace=NAMESPACE).status.remote(),
+            return ray.get(ray.get_actor(names.supervisor(name), namespace=NAMESPACE).status.remote(),
                            timeout=max(deadline - time.monotonic(), 0.5))
         except Exception:
             if time.monotonic() >= deadline:
@@ -260,7 +261,7 @@ def _kill_router(target: Target, rng: random.Random, timeout: float) -> Fault:
 
 
 def _kill_supervisor(target: Target, rng: random.Random, timeout: float) -> Fault:
-    victim = f"{target.name}-supervisor"
+    victim = names.supervisor(target.name)
     before = _status(target.name, timeout=30)
     restarts = before["restarts"] if before is not None else 0
     t0 = time.monotonic()

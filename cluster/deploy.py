@@ -29,11 +29,12 @@ from expert_workers.source import open_source
 from expert_workers.spec import MoESpec
 from router_svc.config import DataPlaneConfig
 from router_svc.gateway import GatewayConfig
+from router_svc import names
 from router_svc.local import RoutingReport
 from router_svc.router import ForwardOutput, Router
 from router_svc.table import GroupRef, RoutingTable
 
-NAMESPACE = "moe-serve"
+NAMESPACE = names.NAMESPACE
 log = logging.getLogger(__name__)
 
 
@@ -115,7 +116,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
         for i in range(d.expert_groups):
             # NOTE: SPREAD puts groups on different nodes where there are several, so replicas of one
             # expert (always on distinct groups) rarely share a node.
-            opts: dict[str, Any] = {"name": f"{name}-group-{i}", "namespace": NAMESPACE, "num_cpus": d.group_cpus,
+            opts: dict[str, Any] = {"name": names.group(name, i), "namespace": NAMESPACE, "num_cpus": d.group_cpus,
                                     "scheduling_strategy": "SPREAD"}
             if detached:
                 opts["lifetime"] = "detached"
@@ -125,7 +126,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
                 # NOTE: read once by torch when the process starts, so it must be in the worker's environment
                 # (Ray merges these variables into any runtime_env the job has).
                 opts["runtime_env"] = {"env_vars": {THP_ENV: "1"}}
-            groups.append(group_cls.options(**opts).remote(f"{name}-group-{i}", source, [], **group_kwargs))
+            groups.append(group_cls.options(**opts).remote(names.group(name, i), source, [], **group_kwargs))
         infos = _placed([g.info.remote() for g in groups], "expert groups", d.expert_groups * d.group_cpus)
         # NOTE: slots are dealt once Ray placed the groups, so copies of one expert go to groups
         # on different nodes wherever the cluster has them.
@@ -152,22 +153,22 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
         router_specs = []
         for i in range(d.routers):
             spec_i = {"options": dict(num_cpus=d.router_cpus, max_concurrency=1000, lifetime="detached" if detached else None),
-                      "kwargs": dict(name=f"{name}-router-{i}", source=source, routing=routing, config=replace(dp, rdt_owner=i == 0),
+                      "kwargs": dict(name=names.router(name, i), source=source, routing=routing, config=replace(dp, rdt_owner=i == 0),
                                      namespace=NAMESPACE, gateway=_gateway_config(cfg, i), telemetry=cfg.telemetry, index=i)}
             router_specs.append(spec_i)
-            routers.append(router_cls.options(name=f"{name}-router-{i}", namespace=NAMESPACE, **spec_i["options"]).remote(
+            routers.append(router_cls.options(name=names.router(name, i), namespace=NAMESPACE, **spec_i["options"]).remote(
                 table=table, groups=groups, **spec_i["kwargs"]))
         progress(f"starting {len(routers)} router(s) (transport {d.transport})")
         started = _placed([r.start.remote() for r in routers], "routers", d.routers * d.router_cpus)
         supervisor = None
         if d.supervisor:
             group_opts = {k: v for k, v in opts.items() if k not in ("name", "namespace")}
-            sup_opts: dict[str, Any] = dict(name=f"{name}-supervisor", namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
+            sup_opts: dict[str, Any] = dict(name=names.supervisor(name), namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
             if detached:
                 sup_opts["lifetime"] = "detached"
             supervisor = ray.remote(Supervisor).options(**sup_opts).remote(
                 name, NAMESPACE, source, group_opts, group_kwargs, placement, spec.num_experts,
-                [f"{name}-group-{i}" for i in range(len(groups))], [f"{name}-router-{i}" for i in range(len(routers))],
+                [names.group(name, i) for i in range(len(groups))], [names.router(name, i) for i in range(len(routers))],
                 d.supervisor_period_s, policy=d.elastic(), router_specs=router_specs, detached=detached)
             ray.get(supervisor.status.remote())
             progress("supervisor running")
@@ -278,7 +279,7 @@ class Deployment:
                     try:
                         ray.get(h.load.remote(), timeout=10)
                     except ray.exceptions.RayActorError:
-                        fresh = ray.get_actor(f"{self.name}-router-{i}", namespace=NAMESPACE)
+                        fresh = ray.get_actor(names.router(self.name, i), namespace=NAMESPACE)
                         ray.get(fresh.load.remote(), timeout=10)
                         self.routers[i] = fresh
                 return True

@@ -10,6 +10,7 @@ import ray
 from cluster import registry
 from cluster.config import load_config
 from cluster.deploy import NAMESPACE, deploy
+from router_svc import names
 from router_svc.client import MoEClient
 
 
@@ -25,8 +26,8 @@ def up(config_path: str, address: str, wait_s: float = 180.0) -> dict[str, Any]:
     dep = deploy(cfg, detached=True, progress=lambda line: print(line, flush=True))
     entry = {
         "name": dep.name,
-        "routers": [f"{dep.name}-router-{i}" for i in range(len(dep.routers))],
-        "groups": [f"{dep.name}-group-{i}" for i in range(len(dep.groups))],
+        "routers": [names.router(dep.name, i) for i in range(len(dep.routers))],
+        "groups": [names.group(dep.name, i) for i in range(len(dep.groups))],
         "gateways": dep.gateway_addresses,
         "created": time.time(),
     }
@@ -89,14 +90,14 @@ def down(address: str, name: str | None = None) -> list[str]:
     connect(address)
     removed = []
     for dname, entry in _entries(name):
-        supervisor = _actor(f"{dname}-supervisor")
+        supervisor = _actor(names.supervisor(dname))
         if supervisor is not None:  # first, or it would replace the groups being removed
             try:
                 ray.get(supervisor.stop.remote(), timeout=60)
             except Exception:
                 pass
             ray.kill(supervisor, no_restart=True)
-            removed.append(f"{dname}-supervisor")
+            removed.append(names.supervisor(dname))
         for rname in entry["routers"]:
             actor = _actor(rname)
             if actor is not None:

@@ -35,6 +35,8 @@ import numpy as np
 import ray
 import torch
 
+from router_svc import names
+
 # Legend: V vocabulary, D hidden size, E experts, T tokens.
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOP_IDS = 10
@@ -513,7 +515,7 @@ def attach(name: str, config_path: str, address: str = "auto") -> Target:
     if entry is None:
         raise LookupError(f"no deployment named {name!r} recorded on this cluster")
     try:
-        supervisor = ray.get_actor(f"{name}-supervisor", namespace=NAMESPACE)
+        supervisor = ray.get_actor(names.supervisor(name), namespace=NAMESPACE)
     except ValueError:
         supervisor = None
     src = open_source(cfg.model.source())

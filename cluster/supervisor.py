@@ -42,6 +42,7 @@ from cluster.config import ElasticPolicy
 from cluster.eplb import ReplicaPolicy, desired_replicas, group_loads, pick_removal, place_replica, replica_shares
 from expert_workers.group import CONCURRENCY_GROUPS, SHARED, ExpertGroup
 from expert_workers.source import SourceSpec
+from router_svc import names
 from router_svc.table import GroupRef, RoutingTable
 
 log = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ class Supervisor:
             return False
         self._want_groups_since = None
         if want > n:
-            name = f"{self.name}-group-{self.state['next_group']}"
+            name = names.group(self.name, self.state["next_group"])
             self.state["next_group"] += 1
             self._handles[name] = self._new_group(name, [])
             self.state["pending"].append({"group": name, "since": time.time(), "requested": False})

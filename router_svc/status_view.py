@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import ray
 
+from router_svc import names
+
 log = logging.getLogger(__name__)
 
-# NOTE: must equal cluster.deploy.NAMESPACE (a unit test pins it); the router is not told where
-# the control plane lives, and a Ray actor's runtime namespace is its driver's, not its own.
-CONTROL_NAMESPACE = "moe-serve"
+# NOTE: the router is not told where the control plane lives, and a Ray actor's runtime namespace is
+# its driver's, not its own: the deployment's namespace is the fixed one its actors are created in.
+CONTROL_NAMESPACE = names.NAMESPACE
 EVENTS_SHOWN = 50
 SUPERVISOR_TIMEOUT_S = 3.0
 GROUP_TIMEOUT_S = 5.0
@@ -41,8 +42,8 @@ _DETAIL_ORDER = ("groups", "replacements", "group", "router", "layer", "expert",
 
 def supervisor_name(router_name: str) -> str | None:
     """`<deployment>-router-<i>` -> `<deployment>-supervisor`; None for a router not named that way."""
-    m = re.fullmatch(r"(.+)-router-\d+", router_name)
-    return None if m is None else f"{m.group(1)}-supervisor"
+    deployment = names.deployment_of_router(router_name)
+    return None if deployment is None else names.supervisor(deployment)
 
 
 def _text(value: Any) -> str:

@@ -63,6 +63,15 @@ def test_control_namespace_is_the_deployments() -> None:
     assert sv.CONTROL_NAMESPACE == NAMESPACE
 
 
+def test_actor_names_round_trip() -> None:
+    from router_svc import names
+
+    assert (names.group("moe-1a", 3), names.router("moe-1a", 0), names.supervisor("moe-1a")) == (
+        "moe-1a-group-3", "moe-1a-router-0", "moe-1a-supervisor")
+    assert names.deployment_of_router(names.router("moe-1a", 11)) == "moe-1a"
+    assert names.deployment_of_router(names.group("moe-1a", 1)) is None
+
+
 @pytest.mark.parametrize("event, detail", [
     ({"kind": "failover", "at": 1.0, "version": 2, "groups": ["x-group-1"], "replacements": ["x-group-1-r1"], "recovery_s": 0.5},
      "groups=x-group-1 replacements=x-group-1-r1"),
