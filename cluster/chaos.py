@@ -213,12 +213,14 @@ HANG_BOUND_S = 300.0
 
 def hang_compute(group: Any, bound_s: float = HANG_BOUND_S) -> bool:
     """Runs in an ExpertGroup (`__ray_call__`): from now on every batch blocks inside its expert FFN, as
-    on a hung kernel or device, until `release_compute` or `bound_s`; the process still answers pings."""
-    release = threading.Event()
-    group._chaos_release = release
+    on a hung kernel or device, until `release_compute` or `bound_s`; the process still answers pings.
+    Layers the group loads afterwards (set_slots) compute normally."""
+    release = getattr(group, "_chaos_release", None)
+    if release is None or release.is_set():
+        release = group._chaos_release = threading.Event()
     for ls in group.core.layers.values():
         for ffn in (ls.grouped, ls.shared):
-            if ffn is None:
+            if ffn is None or "forward" in ffn.__dict__:  # absent, or held already
                 continue
             real = ffn.forward
 
@@ -231,7 +233,8 @@ def hang_compute(group: Any, bound_s: float = HANG_BOUND_S) -> bool:
 
 
 def release_compute(group: Any) -> bool:
-    """Runs in an ExpertGroup: undoes `hang_compute` (held batches go on, new ones compute at once)."""
+    """Runs in an ExpertGroup: undoes `hang_compute` (held batches go on, new ones compute at once).
+    Call it on the `control` concurrency group: on the object-store path the default one is the held batch's."""
     for ls in group.core.layers.values():
         for ffn in (ls.grouped, ls.shared):
             if ffn is not None:

@@ -89,7 +89,7 @@ class DeploymentSettings:
     # a group one of whose batches has computed longer than this reports itself unhealthy (a hung kernel or
     # device leaves its process answering pings): routers plan around it, the supervisor replaces it.
     # Set it well above the longest batch (batch_max_tokens tokens on the slowest group's device).
-    compute_timeout_s: float = 30.0
+    compute_timeout_s: float | None = 30.0  # None (null): never
     # address the groups' gRPC data plane binds to (loopback, or the node's IP on a real cluster).
     grpc_host: str = "127.0.0.1"
     # CPU groups keep their weights in transparent huge pages (torch's THP allocator, Linux): a group
@@ -153,8 +153,9 @@ class DeploymentSettings:
             raise ConfigError(field=p + "failover", value=self.failover, expected=f"one of {FAILOVER_POLICIES}")
         for name in ("group_cpus", "group_gpus", "router_cpus"):
             _number(p + name, getattr(self, name), minimum=0.0)
-        if isinstance(self.compute_timeout_s, bool) or not isinstance(self.compute_timeout_s, (int, float)) or not self.compute_timeout_s > 0:
-            raise ConfigError(field=p + "compute_timeout_s", value=self.compute_timeout_s, expected="a number of seconds > 0")
+        v = self.compute_timeout_s
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ConfigError(field=p + "compute_timeout_s", value=v, expected="a number of seconds > 0, or null (never)")
         if not isinstance(self.huge_pages, bool):
             raise ConfigError(field=p + "huge_pages", value=self.huge_pages, expected="a bool")
         if self.max_replicas is not None and not self.replicas <= self.max_replicas:

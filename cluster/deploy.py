@@ -111,7 +111,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
     groups, routers = [], []
     # the same for the groups made here and those the supervisor makes later (replacements, added groups)
     group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
-                        telemetry=cfg.telemetry, compute_timeout_s=float(d.compute_timeout_s))
+                        telemetry=cfg.telemetry, compute_timeout_s=None if d.compute_timeout_s is None else float(d.compute_timeout_s))
     try:
         for i in range(d.expert_groups):
             # NOTE: SPREAD puts groups on different nodes where there are several, so replicas of one
@@ -314,10 +314,11 @@ class Deployment:
                 "routing_table_version": version, "groups": groups, "routers": routers, "supervisor": supervisor}
 
     def health(self, timeout: float = 10.0) -> bool:
-        """True when every router and every expert group answers."""
+        """True when every router answers and every expert group answers healthy (a group one of whose
+        batches computed past `compute_timeout_s` answers False)."""
         try:
-            ray.get([r.status.remote() for r in self.routers] + [g.ping.remote() for g in self.groups], timeout=timeout)
-            return True
+            ray.get([r.status.remote() for r in self.routers], timeout=timeout)
+            return all(ok is True for ok in ray.get([g.ping.remote() for g in self.groups], timeout=timeout))
         except Exception:
             return False
 

@@ -142,6 +142,10 @@ class GroupCore:
                     out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
                 if split < x.shape[0]:
                     out[split:] = ls.shared.forward(x[split:], [x.shape[0] - split])  # type: ignore[union-attr]
+                if self.device.type == "cuda":
+                    # NOTE: CUDA kernels run after their launch returns; without this a hung kernel would
+                    # block later (the copy out, the NCCL send), outside the timed window, and go unseen.
+                    torch.cuda.current_stream(self.device).synchronize()
             finally:
                 self._computing_since = None
             dt = time.perf_counter() - t0
@@ -215,10 +219,16 @@ class ExpertGroup:
         self.grpc_address = f"{grpc_host}:{port}"
         tie.tie_to(tied_to)
 
+    def _healthy(self) -> bool:
+        """No batch has computed longer than `compute_timeout_s`."""
+        return self.compute_timeout_s is None or self.core.computing_for() <= self.compute_timeout_s
+
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {
+            "healthy": self._healthy(),
+            "computing_s": self.core.computing_for(),
             "name": self.name,
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
@@ -234,15 +244,15 @@ class ExpertGroup:
         """Answered on its own thread, so a group busy computing still reads as alive: True, unless
         one batch has computed for longer than `compute_timeout_s` (a hung kernel or a stuck device
         leaves the process answering while no batch ever returns). Routers then give up what they
-        sent here and plan around it; the supervisor replaces the group."""
-        stalled = self.core.computing_for()
-        if self.compute_timeout_s is None or stalled <= self.compute_timeout_s:
+        sent here and plan around it; a supervisor replaces the group at its first False. Without
+        one, the group reads healthy again once that batch returns."""
+        if self._healthy():
             self._stall_logged = False
             return True
         if not self._stall_logged:
             self._stall_logged = True
             log.error("expert group %s: one batch has computed for %.1f s (compute_timeout_s %.1f s); reporting unhealthy",
-                      self.name, stalled, self.compute_timeout_s)
+                      self.name, self.core.computing_for(), self.compute_timeout_s)
         return False
 
     @ray.method(concurrency_group="admin")

@@ -80,7 +80,12 @@ class _Watch:
     handles: list
     cancels: int = 0
     lost: frozenset[int] = frozenset()
+    hung: bool = False  # some of `lost` answered their ping unhealthy (a batch past compute_timeout_s)
 
+
+# a batch given up this many times on groups whose compute ran past compute_timeout_s fails instead of
+# going on: a batch that hangs every group it reaches would otherwise take down copy after copy.
+HUNG_GIVE_UPS = 2
 
 # deferred metrics records go to the instruments this long after the first, or at once past this many
 METRICS_FLUSH_S = 0.05
@@ -211,7 +216,7 @@ class Router:
                 results = await asyncio.gather(*pings, return_exceptions=True)
                 # NOTE: a table adopted meanwhile renumbers the groups; these answers are of the old list.
                 if handles is self.groups:
-                    self._set_dead({g for g, r in enumerate(results) if r is not True})
+                    self._set_dead({g for g, r in enumerate(results) if r is not True}, {g for g, r in enumerate(results) if r is False})
                 if self.gateway is not None:
                     await self.gateway.set_serving(self._all_slots_live())
             except asyncio.CancelledError:
@@ -220,20 +225,22 @@ class Router:
                 log.warning("health watch: %s", e)
             await asyncio.sleep(period_s)
 
-    def _set_dead(self, dead: set[int]) -> None:
+    def _set_dead(self, dead: set[int], unhealthy: frozenset[int] | set[int] = frozenset()) -> None:
         """What the health watch found (indices into the current `self.groups`). Dispatches waiting on a
         group that no longer answers are given up (planned again around it); every transport is told
         (`abandon`), so a collective group with a silent member tears itself down (it wedges every
         member's transfers, not only the batches sent to that one); batches waiting for a live replica look again when a group answers again.
 
-        NOTE: a group that stops answering pings (a stopped process, a cut-off host) or answers False (one
-        of its batches computed longer than its compute_timeout_s: a hung kernel or device)."""
+        NOTE: `dead` holds the groups that did not answer (a stopped process, a cut-off host) and those
+        that answered False (`unhealthy`: one of their batches computed past its compute_timeout_s, as
+        on a hung kernel or device); dispatches given up on the latter count towards HUNG_GIVE_UPS."""
         revived, silent = self.dead - dead, dead - self.dead
         self.dead = dead
         for w in list(self._watching):
             lost = w.groups & dead
             if lost and not w.lost and w.handles is self.groups:
                 w.lost = frozenset(lost)
+                w.hung = bool(lost & unhealthy)
                 w.task.cancel()
                 silent |= lost
         if silent:
@@ -393,6 +400,7 @@ class Router:
             t_gate = time.perf_counter()
             waited_until = time.monotonic() + self.config.failover_wait_s
             retries = 0  # batches given up on dead groups; waits for a live replica do not count
+            hung = 0  # of them, on groups whose compute ran past compute_timeout_s
             while True:
                 try:
                     version = self.table.version
@@ -422,6 +430,12 @@ class Router:
                     if m is not None:
                         m.failovers.add(1, {"router": self.name})
                     retries += 1
+                    hung += e.hung
+                    if hung >= HUNG_GIVE_UPS:
+                        # NOTE: the requests batched with it fail too (they shared its dispatch).
+                        raise ExpertUnavailableError(layer=layer, expert=-1, reason=(
+                            f"the batch computed past compute_timeout_s on {hung} expert groups in turn; not sent to another "
+                            "(a batch that hangs every group it reaches)")) from None
                     if retries > len(self.groups) + 8:
                         raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group") from None
                 finally:
@@ -598,7 +612,8 @@ class Router:
                 raise
             if counted is not None and task.uncancel() > w.cancels:
                 raise
-            raise GroupsDown(transport=t.name, groups=tuple(sorted(w.lost)), reason="stopped answering health pings") from None
+            reason = "answered health pings unhealthy (a batch computed past compute_timeout_s)" if w.hung else "stopped answering health pings"
+            raise GroupsDown(transport=t.name, groups=tuple(sorted(w.lost)), reason=reason, hung=w.hung) from None
         finally:
             self._watching.discard(w)
 

@@ -101,14 +101,19 @@ def merge_experts(own: Sequence[Mapping[str, Any]], supervised: Iterable[Mapping
     return out
 
 
+def _alive(info: Mapping[str, Any] | None) -> bool:
+    """A group's `info()` says it lives and no batch of it computed past its compute_timeout_s."""
+    return info is not None and info.get("healthy", True) is True
+
+
 def merge_groups(supervised: Iterable[Mapping[str, Any]], probes: Mapping[str, Mapping[str, Any] | None]) -> list[dict[str, Any]]:
     """The supervisor's groups (node, slots, scaled, load) with liveness and device from `probes`
-    (group name -> its `info()`, None when it did not answer)."""
+    (group name -> its `info()`, None when it did not answer; alive: it answered, healthy)."""
     out = []
     for g in supervised:
         info = probes.get(g["name"])
         out.append({"name": g["name"], "node_id": g["node_id"] or (info or {}).get("node_id", ""),
-                    "alive": info is not None, "device": "" if info is None else str(info["device"]),
+                    "alive": _alive(info), "device": "" if info is None else str(info["device"]),
                     "slots": len(g["slots"]), "scaled": bool(g["scaled"]), "tokens_per_s": float(g["tokens_per_s"])})
     return out
 
@@ -183,7 +188,7 @@ async def service_status(router: Any) -> dict[str, Any]:
     groups = []
     for ref, slots in zip(table.groups, table.placement):
         info = probes[ref.name]
-        groups.append({"name": ref.name, "node_id": ref.node_id, "alive": info is not None,
+        groups.append({"name": ref.name, "node_id": ref.node_id, "alive": _alive(info),
                        "device": "" if info is None else info["device"], "slots": len(slots),
                        "scaled": False, "tokens_per_s": 0.0})
     routers = [{"name": router.name, "address": router.gateway_address() or "", "transports": list(router.chain),

@@ -45,11 +45,12 @@ class TransportError(MoEServeError):
 
 
 class GroupsDown(TransportError):
-    """Expert groups died: the router plans again around them (other replicas) before any fallback."""
+    """Expert groups died: the router plans again around them (other replicas) before any fallback.
+    `hung`: they live but one of their batches computed past its compute_timeout_s."""
 
-    def __init__(self, *, transport: str, groups: tuple[int, ...], reason: str) -> None:
+    def __init__(self, *, transport: str, groups: tuple[int, ...], reason: str, hung: bool = False) -> None:
         self._set(f"transport {transport}: expert groups {list(groups)} down: {reason}",
-                  transport=transport, groups=tuple(groups), reason=reason)
+                  transport=transport, groups=tuple(groups), reason=reason, hung=bool(hung))
 
 
 class Transport(ABC):

@@ -354,8 +354,11 @@ def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_loc
         assert 1 in status["dead"], status["dead"]
         assert status["counters"].get("failovers", 0) >= 1, status["counters"]
         assert ray.get(victim.ping.remote(), timeout=30) is False
+        assert dep.health() is False
+        info = ray.get(victim.info.remote(), timeout=30)
+        assert info["healthy"] is False and info["computing_s"] > 1.0
     finally:
-        ray.get(victim.__ray_call__.remote(release_compute), timeout=30)
+        ray.get(victim.__ray_call__.options(concurrency_group="control").remote(release_compute), timeout=30)
     try:
         _until(lambda: _dead(dep) == [], "the released group never read as alive again")
         before = ray.get(victim.stats.remote(), timeout=30)["batches"]
@@ -363,6 +366,7 @@ def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_loc
             x = torch.randn(1 + i, 32, generator=gen)
             assert _rel(dep.forward(x, i % 2), ref.forward(x, i % 2)) < 1e-6
         assert ray.get(victim.stats.remote(), timeout=30)["batches"] > before
+        assert dep.health() is True
     finally:
         dep.shutdown()
 
@@ -382,5 +386,41 @@ def test_group_whose_compute_hangs_is_replaced_and_wait_loses_nothing(ray_local)
                "the supervisor never replaced the hung group", bound_s=120)
         x = torch.randn(33, 32, generator=gen)
         assert _rel(dep.forward(x, 1), ref.forward(x, 1)) < 1e-6
+    finally:
+        dep.shutdown()
+
+
+def test_batch_that_hangs_every_group_it_reaches_fails_after_two(ray_local) -> None:
+    """A batch whose compute hangs on one group, then on the copy it was planned again on, fails
+    (UNAVAILABLE, the reason names compute_timeout_s) instead of going on to hang group after group
+    or waiting out failover_wait_s. Both groups hang every batch; the second is stopped while the
+    batch is first planned, so it reaches them one after the other."""
+    dep, ref = _deploy("fohang2", expert_groups=2, replicas=2, supervisor=False, transport="grpc", compute_timeout_s=1.0)
+    g0, g1 = dep.groups
+    pid1 = _pid(g1)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(12))
+    stopped = False
+    try:
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
+        for g in (g0, g1):
+            ray.get(g.__ray_call__.remote(hang_compute), timeout=30)
+        os.kill(pid1, signal.SIGSTOP)
+        stopped = True
+        _until(lambda: _dead(dep) == [1], "the stopped group was never noticed")
+        t0 = time.monotonic()
+        pending = dep.submit(x, 0)  # planned on group 0 alone
+        os.kill(pid1, signal.SIGCONT)
+        stopped = False
+        with pytest.raises(ExpertUnavailableError, match="compute_timeout_s on 2 expert groups"):
+            dep.result(pending, x, timeout=NOTICED_S)
+        assert time.monotonic() - t0 < 50.0  # not failover_wait_s (60 s) running out
+    finally:
+        if stopped:
+            os.kill(pid1, signal.SIGCONT)
+        for g in (g0, g1):
+            ray.get(g.__ray_call__.options(concurrency_group="control").remote(release_compute), timeout=30)
+    try:
+        _until(lambda: _dead(dep) == [], "the released groups never read as alive again")
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
     finally:
         dep.shutdown()

@@ -7,8 +7,11 @@ The shared slot is the shared FFN with no gate applied (the router weighs it).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Sequence
+import threading
+import time
+from typing import Iterator, Sequence
 
 import pytest
 import torch
@@ -286,13 +289,10 @@ def test_shared_slot_on_a_model_without_shared_experts_is_refused() -> None:
         make_core([(0, 1), (0, SHARED)], spec=plain)
 
 
-def test_computing_for_counts_only_while_a_batch_computes() -> None:
-    """The health check's reading: 0 while idle, the running batch's age while one computes (here held
-    inside the expert FFN), 0 again once it returned, and once it raised."""
-    import threading
-
-    core = make_core()
-    assert core.computing_for() == 0.0
+@contextlib.contextmanager
+def _held_batch(core: GroupCore) -> Iterator[list[torch.Tensor]]:
+    """A batch of layer 0 (3 rows, expert 1) computing in a thread, held inside its expert FFN until the
+    block ends; yields the list its output lands in."""
     ls = core.layers[0]
     inside, release = threading.Event(), threading.Event()
     real = ls.grouped.forward
@@ -303,25 +303,52 @@ def test_computing_for_counts_only_while_a_batch_computes() -> None:
         return real(x, counts)
 
     ls.grouped.forward = held
-    x = inputs(3)
     out: list[torch.Tensor] = []
-    t = threading.Thread(target=lambda: out.append(core.compute(0, [1], [3], x)))
+    t = threading.Thread(target=lambda: out.append(core.compute(0, [1], [3], inputs(3))))
     t.start()
     try:
         assert inside.wait(30)
-        first = core.computing_for()
-        assert first > 0.0
-        assert release.wait(0.05) is False and core.computing_for() > first  # it grows while the batch is held
+        yield out
     finally:
         release.set()
         t.join(30)
-    check(out[0], reference(0, [1], [3], x))
+        del ls.grouped.forward
+
+
+def test_computing_for_counts_only_while_a_batch_computes() -> None:
+    """The health check's reading: 0 while idle, the running batch's age while one computes (here held
+    inside the expert FFN), 0 again once it returned, and once it raised."""
+    core = make_core()
+    assert core.computing_for() == 0.0
+    with _held_batch(core) as out:
+        first = core.computing_for()
+        assert first > 0.0
+        time.sleep(0.05)
+        assert core.computing_for() > first  # it grows while the batch is held
+    check(out[0], reference(0, [1], [3], inputs(3)))
     assert core.computing_for() == 0.0
 
     def broken(x, counts):
         raise RuntimeError("kernel failed")
 
-    ls.grouped.forward = broken
+    core.layers[0].grouped.forward = broken
     with pytest.raises(RuntimeError, match="kernel failed"):
-        core.compute(0, [1], [3], x)
+        core.compute(0, [1], [3], inputs(3))
     assert core.computing_for() == 0.0
+
+
+def test_ping_answers_false_past_the_compute_timeout_and_true_once_the_batch_returns() -> None:
+    from expert_workers.group import ExpertGroup
+
+    group = ExpertGroup.__new__(ExpertGroup)  # the actor's methods on a plain instance, no Ray
+    group.name, group.core, group._stall_logged = "g", make_core(), False
+    group.compute_timeout_s = 0.05
+    assert group.ping() is True
+    with _held_batch(group.core):
+        time.sleep(0.1)
+        assert group.ping() is False and group.ping() is False
+        group.compute_timeout_s = None  # never
+        assert group.ping() is True
+        group.compute_timeout_s = 0.05
+        assert group.ping() is False
+    assert group.ping() is True
