@@ -87,10 +87,6 @@ class _Watch:
 # going on: a batch that hangs every group it reaches would otherwise take down copy after copy.
 HUNG_GIVE_UPS = 2
 
-# deferred metrics records go to the instruments this long after the first, or at once past this many
-METRICS_FLUSH_S = 0.05
-METRICS_FLUSH_EVERY = 256
-
 # the request span's traceparent, set by forward_tensor for the Pending it queues
 _REQUEST_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("moe_request_trace", default="")
 
@@ -162,7 +158,6 @@ class Router:
         self.degraded_tokens = {layer: 0 for layer in self.spec.moe_layers}  # answered without one of their experts
         self.tracer = make_tracer(telemetry, name)
         self.metrics: RouterMetrics | None = None
-        self._metrics_timer: asyncio.TimerHandle | None = None
         if telemetry is not None and (telemetry.prometheus_port is not None or telemetry.otlp_endpoint):
             self.metrics = RouterMetrics(telemetry, name, index, self._metric_state, layers=list(self.spec.moe_layers))
 
@@ -285,9 +280,6 @@ class Router:
             await self.gateway.stop()
         for t in self.transports.values():
             await t.close()
-        if self._metrics_timer is not None:
-            self._metrics_timer.cancel()
-            self._metrics_timer = None
         if self.metrics is not None:
             self.metrics.shutdown()
 
@@ -330,31 +322,8 @@ class Router:
                 raise
             finally:
                 _REQUEST_TRACE.reset(token)
-                if self.metrics is not None:  # recorded after the answer has left (see _defer_metrics)
-                    self._defer_metrics(self._count_request, status, time.perf_counter() - t0)
-
-    def _defer_metrics(self, record: Any, *args: Any) -> None:
-        """Queue a metrics record; the queue goes to the instruments `METRICS_FLUSH_S` later in bulk (or at once
-        past `METRICS_FLUSH_EVERY` records, or when a scrape collects: see RouterMetrics.flush).
-
-        NOTE: ten-odd OpenTelemetry records per request, each on a cold cache right after the answer,
-        were about a sixth of a 2-core router's CPU per small request and delayed the next one.
-        """
-        assert self.metrics is not None
-        if self.metrics.defer(record, *args) >= METRICS_FLUSH_EVERY:
-            self.metrics.flush()
-        elif self._metrics_timer is None:
-            self._metrics_timer = asyncio.get_running_loop().call_later(METRICS_FLUSH_S, self._flush_metrics)
-
-    def _flush_metrics(self) -> None:
-        self._metrics_timer = None
-        if self.metrics is not None:
-            self.metrics.flush()
-
-    def _count_request(self, status: str, seconds: float) -> None:
-        assert self.metrics is not None
-        self.metrics.requests.add(1, {"router": self.name, "status": status})
-        self.metrics.stage.record(seconds, {"router": self.name, "stage": "total"})
+                if self.metrics is not None:  # recorded after the answer has left (see RouterMetrics.defer_soon)
+                    self.metrics.defer_soon(self.metrics.count_request, status, time.perf_counter() - t0)
 
     async def _admit(
         self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
@@ -481,29 +450,9 @@ class Router:
         if self.metrics is not None:
             t_start = times[0]
             # plain numbers only: the queue must not keep the requests' tensors alive
-            self._defer_metrics(self._record_batch, self.metrics, layer, [t_start - r.t_enq for r in reqs],
-                                sum(int(r.x_TD.shape[0]) for r in reqs), [(int(a.dropped), int(a.rerouted)) for a in assignments],
-                                used, *times)
-
-    def _record_batch(self, m: RouterMetrics, layer: int, queued_s: list[float], tokens: int, dropped_rerouted: list[tuple[int, int]],
-                      used: str, t_start: float, t_gate: float, t_dispatched: float,
-                      t_answered: float, expert_s: float | None = None) -> None:
-        r_ = {"router": self.name}
-        for q in queued_s:
-            m.stage.record(q, {**r_, "stage": "queue"})
-        m.stage.record(t_gate - t_start, {**r_, "stage": "gate"})
-        m.stage.record(t_dispatched - t_gate, {**r_, "stage": "dispatch"})
-        m.stage.record(t_answered - t_dispatched, {**r_, "stage": "combine"})
-        if expert_s is not None:  # object store and gRPC report it; RDT does not
-            m.stage.record(expert_s, {**r_, "stage": "expert"})
-        m.batch_requests.record(len(queued_s), r_)
-        m.batch_tokens.record(tokens, r_)
-        m.batches.add(1, {**r_, "transport": used})
-        for dropped, rerouted in dropped_rerouted:
-            if dropped:
-                m.dropped.add(dropped, {**r_, "layer": str(layer)})
-            if rerouted:
-                m.rerouted.add(rerouted, {**r_, "layer": str(layer)})
+            self.metrics.defer_soon(self.metrics.record_batch, layer, [t_start - r.t_enq for r in reqs],
+                                    sum(int(r.x_TD.shape[0]) for r in reqs), [(int(a.dropped), int(a.rerouted)) for a in assignments],
+                                    used, *times)
 
     def _metric_state(self) -> dict[str, Any]:
         """What the scrape-time gauges read (called on the exporter's thread: plain reads only)."""

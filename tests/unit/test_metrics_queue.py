@@ -59,3 +59,29 @@ def test_flushes_from_two_threads_run_each_record_once(metrics: RouterMetrics) -
     for t in threads:
         t.join()
     assert _value(generate_latest(metrics.registry).decode(), 'moe_requests_total{router="r0",status="OK"}') == 2000
+
+
+def test_defer_soon_flushes_after_the_delay_or_at_once_when_full(metrics: RouterMetrics) -> None:
+    """From the router's loop: records wait FLUSH_S (one timer for all of them), or go at once past FLUSH_EVERY."""
+    import asyncio
+
+    from router_svc import telemetry
+
+    async def run() -> None:
+        metrics.defer_soon(metrics.count_request, "OK", 0.003)
+        metrics.defer_soon(metrics.record_batch, 0, [0.001, 0.002], 12, [(1, 0), (0, 2)], "grpc", 0.0, 0.001, 0.004, 0.005, 0.002)
+        assert len(metrics._pending) == 2  # not recorded yet: the answer has left first
+        await asyncio.sleep(telemetry.FLUSH_S * 4)
+        assert len(metrics._pending) == 0 and metrics._timer is None
+        for _ in range(telemetry.FLUSH_EVERY):
+            metrics.defer_soon(metrics.count_request, "OK", 0.001)
+        assert len(metrics._pending) == 0  # full: flushed at once
+
+    asyncio.run(run())
+    text = generate_latest(metrics.registry).decode()
+    assert _value(text, 'moe_requests_total{router="r0",status="OK"}') == 1 + telemetry.FLUSH_EVERY
+    assert _value(text, 'moe_stage_seconds_count{router="r0",stage="queue"}') == 2
+    assert _value(text, 'moe_stage_seconds_count{router="r0",stage="expert"}') == 1
+    assert _value(text, 'moe_batches_total{router="r0",transport="grpc"}') == 1
+    assert _value(text, 'moe_tokens_dropped_total{layer="0",router="r0"}') == 1
+    assert _value(text, 'moe_tokens_rerouted_total{layer="0",router="r0"}') == 2
