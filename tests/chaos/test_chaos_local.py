@@ -46,32 +46,21 @@ def test_groups_killed_every_few_seconds_with_two_copies(ray_local) -> None:
     assert report.degraded_tokens == 0
 
 
-def test_groups_stopped_under_traffic_with_two_copies(ray_local) -> None:
-    """A stopped group (SIGSTOP: alive, silent) holds no request: routers give up what was in flight to it
-    once it misses its pings, the other copy serves, the supervisor replaces it."""
-    plan = ChaosPlan(clients=8, duration_s=20.0, group_kill_every_s=0, router_kill_at_s=(), supervisor_kill_at_s=(),
-                     group_stop_at_s=(3.0, 10.0), quiet_s=6.0, seed=5)
-    report, _, after = _run(plan, replicas=2)
-    _lost_nothing(report)
-    stops = [f for f in report.faults if f.kind == "group_stop"]
-    assert len(stops) == 2 and all(f.recovered_s is not None for f in stops), report.table()
-    replaced = {g for e in after["events"] if e["kind"] == "failover" for g in e["groups"]}
-    assert {f.victim for f in stops} <= replaced, (stops, after["events"])
-    assert report.degraded_tokens == 0
-
-
-def test_groups_hung_under_traffic_with_two_copies(ray_local) -> None:
-    """A group whose compute hangs (batches never return, pings still answer) holds no request: past
-    compute_timeout_s it reports itself unhealthy, routers give up what they sent it, the other copy
+@pytest.mark.parametrize("kind, seed", [("group_stop", 5), ("group_hang", 6)])
+def test_groups_stopped_or_hung_under_traffic_with_two_copies(ray_local, kind: str, seed: int) -> None:
+    """A group alive but of no use holds no request: stopped (SIGSTOP: silent), routers give up what was in
+    flight to it once it misses its pings; hung (its batches never return, its pings still answer), once
+    a batch computed past compute_timeout_s it answers unhealthy and routers do the same. The other copy
     serves, the supervisor replaces it."""
+    at = {"group_stop_at_s" if kind == "group_stop" else "group_hang_at_s": (3.0, 10.0)}
     plan = ChaosPlan(clients=8, duration_s=20.0, group_kill_every_s=0, router_kill_at_s=(), supervisor_kill_at_s=(),
-                     group_hang_at_s=(3.0, 10.0), quiet_s=6.0, seed=6)
+                     quiet_s=6.0, seed=seed, **at)
     report, _, after = _run(plan, replicas=2)
     _lost_nothing(report)
-    hangs = [f for f in report.faults if f.kind == "group_hang"]
-    assert len(hangs) == 2 and all(f.recovered_s is not None for f in hangs), report.table()
+    faults = [f for f in report.faults if f.kind == kind]
+    assert len(faults) == 2 and all(f.recovered_s is not None for f in faults), report.table()
     replaced = {g for e in after["events"] if e["kind"] == "failover" for g in e["groups"]}
-    assert {f.victim for f in hangs} <= replaced, (hangs, after["events"])
+    assert {f.victim for f in faults} <= replaced, (faults, after["events"])
     assert report.degraded_tokens == 0
 
 

@@ -210,6 +210,11 @@ def _until(predicate, what: str, bound_s: float = NOTICED_S) -> None:
         time.sleep(0.1)
 
 
+def _until_replaced(dep, name: str, what: str) -> None:
+    _until(lambda: name not in ray.get(dep.supervisor.status.remote(), timeout=30)["groups"],
+           f"the supervisor never replaced {what}", bound_s=120)
+
+
 def _dead(dep) -> list[int]:
     return ray.get(dep.routers[0].status.remote(), timeout=30)["dead"]
 
@@ -281,8 +286,7 @@ def test_collective_member_that_stops_answering_is_replaced_and_nothing_is_lost(
         gen = torch.Generator().manual_seed(9)
         xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(120)]
         assert _traffic_stopping(dep, ref, xs, pid, after=10) == len(xs)
-        _until(lambda: victim_name not in ray.get(dep.supervisor.status.remote(), timeout=30)["groups"],
-               "the supervisor never replaced the silent member", bound_s=120)
+        _until_replaced(dep, victim_name, "the silent member")
         x = torch.randn(33, 32, generator=gen)
         assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
     finally:
@@ -382,8 +386,7 @@ def test_group_whose_compute_hangs_is_replaced_and_wait_loses_nothing(ray_local)
     try:
         hang = lambda: ray.get(victim.__ray_call__.remote(hang_compute), timeout=30)  # noqa: E731
         assert _traffic_then(dep, ref, xs, hang, after=10) == len(xs)
-        _until(lambda: victim_name not in ray.get(dep.supervisor.status.remote(), timeout=30)["groups"],
-               "the supervisor never replaced the hung group", bound_s=120)
+        _until_replaced(dep, victim_name, "the hung group")
         x = torch.randn(33, 32, generator=gen)
         assert _rel(dep.forward(x, 1), ref.forward(x, 1)) < 1e-6
     finally:
