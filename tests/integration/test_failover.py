@@ -15,7 +15,7 @@ import ray
 import torch
 
 from cluster import deploy
-from cluster.chaos import hang_compute, release_compute
+from cluster.faults import hang_compute, release_compute
 from expert_workers.errors import ExpertUnavailableError
 from router_svc import LocalMoE
 

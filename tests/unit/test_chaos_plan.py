@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import chaos, cli
+from cluster import chaos, cli, faults
 
 pytestmark = pytest.mark.unit
 
@@ -15,7 +15,7 @@ def test_schedule_orders_every_kind_and_keeps_the_quiet_end_free() -> None:
                            group_hang_at_s=(9.0, 20.0, 21.0))
     assert plan.schedule() == [(3.0, "group_stop"), (5.0, "router"), (8.0, "group"), (9.0, "group_hang"),
                                (12.0, "supervisor"), (16.0, "group"), (19.0, "node"), (20.0, "group_hang")]
-    assert {kind for _, kind in plan.schedule()} <= set(chaos.FAULTS)
+    assert {kind for _, kind in plan.schedule()} <= set(faults.FAULTS)
 
 
 def test_command_line_sets_the_schedule() -> None:
