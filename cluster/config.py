@@ -86,10 +86,12 @@ class DeploymentSettings:
     group_cpus: float = 1.0
     group_gpus: float = 1.0
     router_cpus: float = 1.0
-    # a group one of whose batches has computed longer than this reports itself unhealthy (a hung kernel or
-    # device leaves its process answering pings): routers plan around it, the supervisor replaces it.
-    # Set it well above the longest batch (batch_max_tokens tokens on the slowest group's device).
-    compute_timeout_s: float | None = 30.0  # None (null): never
+    # a group one of whose batches has computed longer than this (and than 4x the longest batch it finished)
+    # reports itself unhealthy (a hung kernel or device leaves its process answering pings): routers plan
+    # around it, the supervisor replaces it. Keep it above the longest honest batch (batch_max_tokens
+    # tokens on the slowest group's device: a 4096-token batch of a Mixtral-8x7B layer on one CPU core
+    # takes tens of seconds).
+    compute_timeout_s: float | None = 60.0  # None (null): never
     # address the groups' gRPC data plane binds to (loopback, or the node's IP on a real cluster).
     grpc_host: str = "127.0.0.1"
     # CPU groups keep their weights in transparent huge pages (torch's THP allocator, Linux): a group

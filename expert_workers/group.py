@@ -13,6 +13,7 @@ the same order. `GroupCore` is the plain-Python part (testable without Ray);
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from expert_workers.source import SourceSpec, open_source
 log = logging.getLogger(__name__)
 # expert id of a layer's shared experts when they are hosted as a slot.
 SHARED = -1
+# a running batch counts as hung only past max(compute_timeout_s, this x the group's longest finished batch)
+LONGEST_FACTOR = 4.0
 # Ray concurrency groups of the actor: health calls and slot changes never queue behind compute.
 CONCURRENCY_GROUPS = {"control": 2, "admin": 1}
 
@@ -66,6 +69,9 @@ class GroupCore:
         self.tokens: dict[tuple[int, int], int] = {}
         self.busy_s = 0.0
         self.batches = 0
+        self.longest_s = 0.0  # the longest batch finished within its limit (see `limit_s`)
+        # a running batch past `limit_s()` counts as hung (None: never); set by ExpertGroup
+        self.compute_timeout_s: float | None = None
         # monotonic time the batch computing now began (None: idle); read by the health check
         self._computing_since: float | None = None
         self.set_slots(slots)
@@ -154,12 +160,25 @@ class GroupCore:
                 self.tokens[(layer, e)] = self.tokens.get((layer, e), 0) + int(c)
             self.busy_s += dt
             self.batches += 1
+            if dt <= self.limit_s():  # one that ran past it was taken for hung: not an honest length
+                self.longest_s = max(self.longest_s, dt)
         return out.to(x_ND.dtype) if out.dtype != x_ND.dtype else out
 
     def computing_for(self) -> float:
         """Seconds the batch computing now has been at it (0.0 when none is)."""
         since = self._computing_since
         return 0.0 if since is None else max(time.monotonic() - since, 0.0)
+
+    def limit_s(self) -> float:
+        """How long a batch may compute before it counts as hung: `compute_timeout_s`, and never less than
+        LONGEST_FACTOR x the longest batch finished within its limit (inf when there is no timeout)."""
+        if self.compute_timeout_s is None:
+            return math.inf
+        return max(self.compute_timeout_s, LONGEST_FACTOR * self.longest_s)
+
+    def hung(self) -> bool:
+        """The batch computing now has run past `limit_s()`."""
+        return self.computing_for() > self.limit_s()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -209,9 +228,9 @@ class ExpertGroup:
         if device == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
         self.name = name
-        self.compute_timeout_s = compute_timeout_s
         self._stall_logged = False
         self.core = GroupCore(source, slots, device=device, dtype=dtype)
+        self.core.compute_timeout_s = compute_timeout_s
         from expert_workers.telemetry import make_tracer
 
         self.tracer = make_tracer(telemetry, name)
@@ -220,8 +239,8 @@ class ExpertGroup:
         tie.tie_to(tied_to)
 
     def _healthy(self) -> bool:
-        """No batch has computed longer than `compute_timeout_s`."""
-        return self.compute_timeout_s is None or self.core.computing_for() <= self.compute_timeout_s
+        """No batch has computed past its limit (`GroupCore.limit_s`)."""
+        return not self.core.hung()
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
@@ -245,14 +264,16 @@ class ExpertGroup:
         one batch has computed for longer than `compute_timeout_s` (a hung kernel or a stuck device
         leaves the process answering while no batch ever returns). Routers then give up what they
         sent here and plan around it; a supervisor replaces the group at its first False. Without
-        one, the group reads healthy again once that batch returns."""
+        one, the group reads healthy again once that batch returns. The limit never drops below
+        LONGEST_FACTOR x the longest batch the group has finished."""
         if self._healthy():
             self._stall_logged = False
             return True
         if not self._stall_logged:
             self._stall_logged = True
-            log.error("expert group %s: one batch has computed for %.1f s (compute_timeout_s %.1f s); reporting unhealthy",
-                      self.name, self.core.computing_for(), self.compute_timeout_s)
+            log.error("expert group %s: one batch has computed for %.1f s (limit %.1f s: compute_timeout_s %s, 4x its longest "
+                      "finished batch %.2f s); reporting unhealthy", self.name, self.core.computing_for(), self.core.limit_s(),
+                      self.core.compute_timeout_s, self.core.longest_s)
         return False
 
     @ray.method(concurrency_group="admin")

@@ -124,7 +124,7 @@ def test_defaults() -> None:
     d = cfg.deployment
     assert (d.name, d.expert_groups, d.routers, d.transport, d.device, d.shared_experts) == ("moe", 2, 1, "auto", "auto", "router")
     assert (d.batch_max_tokens, d.batch_max_wait_us, d.grpc_host, d.huge_pages) == (4096, 500, "127.0.0.1", True)
-    assert d.compute_timeout_s == 30.0
+    assert d.compute_timeout_s == 60.0
     assert load_config(with_(MINIMAL, "deployment", compute_timeout_s=None)).deployment.compute_timeout_s is None
     # empty sections are the defaults too
     assert load_config({"model": {"random": RANDOM}, "routing": None, "deployment": None}) == cfg

@@ -292,7 +292,7 @@ def test_shared_slot_on_a_model_without_shared_experts_is_refused() -> None:
 @contextlib.contextmanager
 def _held_batch(core: GroupCore) -> Iterator[list[torch.Tensor]]:
     """A batch of layer 0 (3 rows, expert 1) computing in a thread, held inside its expert FFN until the
-    block ends; yields the list its output lands in."""
+    block ends (and it returned); yields the list its output lands in."""
     ls = core.layers[0]
     inside, release = threading.Event(), threading.Event()
     real = ls.grouped.forward
@@ -342,13 +342,32 @@ def test_ping_answers_false_past_the_compute_timeout_and_true_once_the_batch_ret
 
     group = ExpertGroup.__new__(ExpertGroup)  # the actor's methods on a plain instance, no Ray
     group.name, group.core, group._stall_logged = "g", make_core(), False
-    group.compute_timeout_s = 0.05
+    group.core.compute_timeout_s = 0.05
     assert group.ping() is True
     with _held_batch(group.core):
         time.sleep(0.1)
         assert group.ping() is False and group.ping() is False
-        group.compute_timeout_s = None  # never
+        group.core.compute_timeout_s = None  # never
         assert group.ping() is True
-        group.compute_timeout_s = 0.05
+        group.core.compute_timeout_s = 0.05
         assert group.ping() is False
     assert group.ping() is True
+    assert group.core.longest_s == 0.0  # the batch taken for hung sets no floor
+
+
+def test_ping_never_reads_a_batch_as_hung_before_4x_the_longest_finished_one() -> None:
+    """A group whose honest batches take about the timeout is not taken for hung: the limit is at least
+    LONGEST_FACTOR x the longest batch it finished."""
+    from expert_workers.group import LONGEST_FACTOR, ExpertGroup
+
+    group = ExpertGroup.__new__(ExpertGroup)
+    group.name, group.core, group._stall_logged = "g", make_core(), False
+    group.core.compute_timeout_s = 0.5
+    with _held_batch(group.core):
+        time.sleep(0.3)  # a slow batch that finishes within the limit: the floor becomes >= 4 x 0.3 s
+    assert group.core.longest_s >= 0.3 and LONGEST_FACTOR == 4.0
+    with _held_batch(group.core):
+        time.sleep(0.7)
+        assert group.ping() is True  # past compute_timeout_s, inside 4 x the longest (>= 1.2 s)
+        time.sleep(4 * group.core.longest_s)
+        assert group.ping() is False
