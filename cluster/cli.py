@@ -213,8 +213,7 @@ def _chaos(args: argparse.Namespace) -> int:
     plan = chaos.ChaosPlan(clients=args.clients, duration_s=args.duration, group_kill_every_s=args.group_every,
                            router_kill_at_s=tuple(args.router_at), supervisor_kill_at_s=tuple(args.supervisor_at),
                            node_kill_at_s=tuple(args.node_at), group_stop_at_s=tuple(args.stop_group_at),
-                           group_hang_at_s=tuple(args.hang_group_at), quiet_s=args.quiet,
-                           seed=args.seed)
+                           group_hang_at_s=tuple(args.hang_group_at), quiet_s=args.quiet, seed=args.seed)
     dep = None
     if args.name is None:
         from cluster import deploy

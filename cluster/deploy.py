@@ -317,8 +317,8 @@ class Deployment:
         """True when every router answers and every expert group answers healthy (a group one of whose
         batches computed past `compute_timeout_s` answers False)."""
         try:
-            ray.get([r.status.remote() for r in self.routers], timeout=timeout)
-            return all(ok is True for ok in ray.get([g.ping.remote() for g in self.groups], timeout=timeout))
+            answers = ray.get([r.status.remote() for r in self.routers] + [g.ping.remote() for g in self.groups], timeout=timeout)
+            return all(ok is True for ok in answers[len(self.routers):])
         except Exception:
             return False
 

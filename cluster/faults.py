@@ -118,6 +118,11 @@ def _stop_group(target: Target, rng: random.Random, timeout: float) -> Fault:
 HANG_BOUND_S = 300.0
 
 
+def _ffns(group: Any) -> list[Any]:
+    """The grouped FFNs (routed and shared) of every layer an ExpertGroup hosts."""
+    return [ffn for ls in group.core.layers.values() for ffn in (ls.grouped, ls.shared) if ffn is not None]
+
+
 def hang_compute(group: Any, bound_s: float = HANG_BOUND_S) -> bool:
     """Runs in an ExpertGroup (`__ray_call__`): from now on every batch blocks inside its expert FFN, as
     on a hung kernel or device, until `release_compute` or `bound_s`; the process still answers pings.
@@ -125,27 +130,24 @@ def hang_compute(group: Any, bound_s: float = HANG_BOUND_S) -> bool:
     release = getattr(group, "_chaos_release", None)
     if release is None or release.is_set():
         release = group._chaos_release = threading.Event()
-    for ls in group.core.layers.values():
-        for ffn in (ls.grouped, ls.shared):
-            if ffn is None or "forward" in ffn.__dict__:  # absent, or held already
-                continue
-            real = ffn.forward
+    for ffn in _ffns(group):
+        if "forward" in ffn.__dict__:  # held already
+            continue
+        real = ffn.forward
 
-            def held(x: Any, counts: Any, real: Callable[..., Any] = real) -> Any:
-                release.wait(bound_s)
-                return real(x, counts)
+        def held(x: Any, counts: Any, real: Callable[..., Any] = real) -> Any:
+            release.wait(bound_s)
+            return real(x, counts)
 
-            ffn.forward = held
+        ffn.forward = held
     return True
 
 
 def release_compute(group: Any) -> bool:
     """Runs in an ExpertGroup: undoes `hang_compute` (held batches go on, new ones compute at once).
     Call it on the `control` concurrency group: on the object-store path the default one is the held batch's."""
-    for ls in group.core.layers.values():
-        for ffn in (ls.grouped, ls.shared):
-            if ffn is not None:
-                ffn.__dict__.pop("forward", None)
+    for ffn in _ffns(group):
+        ffn.__dict__.pop("forward", None)
     release = getattr(group, "_chaos_release", None)
     if release is not None:
         release.set()

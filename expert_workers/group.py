@@ -238,15 +238,11 @@ class ExpertGroup:
         self.grpc_address = f"{grpc_host}:{port}"
         tie.tie_to(tied_to)
 
-    def _healthy(self) -> bool:
-        """No batch has computed past its limit (`GroupCore.limit_s`)."""
-        return not self.core.hung()
-
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {
-            "healthy": self._healthy(),
+            "healthy": not self.core.hung(),
             "computing_s": self.core.computing_for(),
             "name": self.name,
             "node_id": ctx.get_node_id(),
@@ -266,14 +262,14 @@ class ExpertGroup:
         sent here and plan around it; a supervisor replaces the group at its first False. Without
         one, the group reads healthy again once that batch returns. The limit never drops below
         LONGEST_FACTOR x the longest batch the group has finished."""
-        if self._healthy():
+        if not self.core.hung():
             self._stall_logged = False
             return True
         if not self._stall_logged:
             self._stall_logged = True
-            log.error("expert group %s: one batch has computed for %.1f s (limit %.1f s: compute_timeout_s %s, 4x its longest "
+            log.error("expert group %s: one batch has computed for %.1f s (limit %.1f s: compute_timeout_s %s, %gx its longest "
                       "finished batch %.2f s); reporting unhealthy", self.name, self.core.computing_for(), self.core.limit_s(),
-                      self.core.compute_timeout_s, self.core.longest_s)
+                      self.core.compute_timeout_s, LONGEST_FACTOR, self.core.longest_s)
         return False
 
     @ray.method(concurrency_group="admin")

@@ -224,7 +224,8 @@ class Router:
         """What the health watch found (indices into the current `self.groups`). Dispatches waiting on a
         group that no longer answers are given up (planned again around it); every transport is told
         (`abandon`), so a collective group with a silent member tears itself down (it wedges every
-        member's transfers, not only the batches sent to that one); batches waiting for a live replica look again when a group answers again.
+        member's transfers, not only the batches sent to that one); batches waiting for a live replica
+        look again when a group answers again.
 
         NOTE: `dead` holds the groups that did not answer (a stopped process, a cut-off host) and those
         that answered False (`unhealthy`: one of their batches computed past its compute_timeout_s, as
