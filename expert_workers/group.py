@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from expert_workers import data_grpc, tie, wire
+from expert_workers import collective, data_grpc, tie, wire
 from expert_workers.errors import ConfigError, InvalidRequestError
 from expert_workers.ffn import GroupedExperts
 from expert_workers.source import SourceSpec, open_source
@@ -227,6 +227,7 @@ class ExpertGroup:
         `compute_timeout_s`: a batch computing longer than this makes `ping` answer False (None: never)."""
         if device == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
+        collective.bound_waits()
         self.name = name
         self._stall_logged = False
         self.core = GroupCore(source, slots, device=device, dtype=dtype)
@@ -324,19 +325,9 @@ class ExpertGroup:
                 "compute_s": time.perf_counter() - t0}, data
 
     def reset_collective(self) -> bool:
-        """Tear down this process's torch.distributed state after its collective group broke.
-
-        NOTE: Ray's gloo groups sit on one default process group per process, whose
-        store lives with the group's first member. When a member dies that default
-        group is dead too, and a new collective group cannot be built on top of it;
-        destroying it here lets the next group initialise afresh.
-        """
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-            return True
-        return False
+        """Drop this process's torch.distributed state after its collective group broke (see
+        expert_workers.collective)."""
+        return collective.reset()
 
     def shutdown(self) -> None:
         self._server.stop(grace=0)

@@ -8,7 +8,9 @@ group per backend. So the Router is the controller: it creates one group of a
     worker.take(x) --RDT--> group.forward_<backend>(rows) --RDT--> worker.gather(ys)
 The batch reaches the worker and the result comes back through the object store.
 A dead member breaks the group: it is destroyed, the transport reports itself
-unavailable, and it is rebuilt in the background while other transports serve.
+unavailable, and it is rebuilt in the background while other transports serve. It is
+rebuilt only with members that answer a ping: a member that never joins would hold the
+others' main threads (where Ray runs the join) until the collective timeout.
 """
 
 from __future__ import annotations
@@ -22,11 +24,47 @@ import numpy as np
 import ray
 import torch
 
-from expert_workers import wire
+from expert_workers import collective, wire
 from router_svc.transports.base import Batch, Transport, TransportError
 
 log = logging.getLogger(__name__)
 REBUILD_DELAY_S = 1.0
+# every member must answer a ping within this before a collective group is built with it
+MEMBER_PING_S = 2.0
+_COLLECTIVE_BACKENDS = {"GLOO", "TORCH_GLOO", "NCCL"}
+
+
+def spare_actors_of_failed_transfers() -> bool:
+    """Stop Ray from killing both ends of an RDT transfer that failed or timed out (its answer for
+    collective backends, which cannot abort a transfer); this transport destroys and rebuilds the
+    collective group instead, and the expert groups keep serving on the other transports.
+
+    NOTE: without this, killing our DispatchWorker while transfers are in flight (a teardown), or
+    one transfer stuck behind a stopped member, makes Ray kill every expert group with a transfer
+    pending: a whole deployment lost to one silent member. Ray keeps this bookkeeping in
+    `RDTManager._abort_transport(failed_ref, ref_info_map, exception)` of the process driving the
+    transfers (the router); the replacement does the same bookkeeping without the kills. Returns
+    False, and leaves Ray's behaviour, where that internal is not there.
+    """
+    manager = ray._private.worker.global_worker.rdt_manager
+    original = getattr(manager, "_abort_transport", None)
+    if original is None or getattr(original, "_moe_serve", False):
+        return original is not None
+
+    def abort(failed_ref: Any, ref_info_map: dict, exception: Exception) -> None:
+        info = ref_info_map.get(failed_ref.hex())
+        if info is None or str(getattr(info, "backend", "")).upper() not in _COLLECTIVE_BACKENDS:
+            return original(failed_ref, ref_info_map, exception)
+        ref_info_map.pop(failed_ref.hex(), None)
+        if info.send_ref is not None:
+            ref_info_map.pop(info.send_ref.hex(), None)
+        ref_info_map.pop(info.recv_ref.hex(), None)
+        reason = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
+        log.warning("RDT transfer %s failed (%s); the collective group is rebuilt, no actor killed", info.obj_id, reason)
+
+    abort._moe_serve = True  # type: ignore[attr-defined]
+    manager._abort_transport = abort
+    return True
 
 
 class DispatchWorker:
@@ -34,6 +72,7 @@ class DispatchWorker:
 
     def __init__(self, device: str) -> None:
         self.device = device
+        collective.bound_waits()
 
     def ping(self) -> bool:
         return True
@@ -68,6 +107,8 @@ class RdtTransport(Transport):
         self._tearing: asyncio.Task | None = None
         self.rebuilds = 0
         self._attempts = 0
+        if not spare_actors_of_failed_transfers():
+            log.warning("this Ray has no RDTManager._abort_transport: a failed transfer kills both its ends")
 
     def available(self) -> bool:
         if self.group is not None:
@@ -88,6 +129,12 @@ class RdtTransport(Transport):
             self._tearing = None
         worker = None
         members = list(self.groups)
+        silent = await self._silent(members)
+        if silent:  # nothing built, nothing to reset; try again after the rebuild delay
+            log.info("collective group (%s) not rebuilt: expert groups %s did not answer a ping within %s s",
+                     self.backend, silent, MEMBER_PING_S)
+            self._broken_since = time.monotonic()
+            return
         try:
             opts: dict[str, Any] = {"num_cpus": 0}
             if self.device == "cuda":
@@ -110,6 +157,13 @@ class RdtTransport(Transport):
             if worker is not None:
                 ray.kill(worker)
             await self._reset_members(members)
+
+    @staticmethod
+    async def _silent(members: Sequence[Any]) -> list[int]:
+        """Members that did not answer True (dead, stopped, cut off, or computing past their limit)."""
+        pings = [asyncio.wait_for(g.ping.remote(), timeout=MEMBER_PING_S) for g in members]
+        answers = await asyncio.gather(*pings, return_exceptions=True)
+        return [i for i, a in enumerate(answers) if a is not True]
 
     def abandon(self, reason: str) -> None:
         """A member stopped answering: the group reads as unavailable at once and is torn down in the

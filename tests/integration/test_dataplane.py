@@ -40,6 +40,20 @@ def _alive_actor_names(prefix: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
 
 
+def _again_once_rebuilt(dep, x: torch.Tensor, layer: int, used: str):
+    """A request RDT did not serve: only acceptable when its collective group broke under it (Ray's gloo
+    transfers time out, rarely, with no fault injected) and the router answered on the fallback. The
+    router then rebuilds the group; the same request, sent again, must be served by RDT."""
+    status = ray.get(dep.routers[0].status.remote(), timeout=30)
+    assert status["counters"]["fallbacks_by_from"].get("rdt", 0) >= 1, (used, status["counters"])
+    deadline = time.monotonic() + 120
+    while not ray.get(dep.routers[0].status.remote(), timeout=30)["rdt_ready"]:
+        assert time.monotonic() < deadline, "the broken collective group was never rebuilt"
+        dep.forward_output(x, layer)  # traffic drives the rebuild
+        time.sleep(0.2)
+    return dep.forward_output(x, layer)
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_deployment(request, ray_local, tmp_path_factory):
     make, shared = FAMILIES[request.param]
@@ -62,6 +76,8 @@ def test_every_transport_equals_local_moe(family_deployment) -> None:
                 x = torch.randn(tokens, dep.spec.hidden_size, generator=gen)
                 out = dep.forward_output(x, layer)
                 expected_transport = status["chain"][0]
+                if expected_transport == "rdt" and out.transport != "rdt":
+                    out = _again_once_rebuilt(dep, x, layer, out.transport)
                 assert out.transport == expected_transport, (mode, out.transport)
                 got = torch.from_numpy(np.array(out.hidden_states))
                 assert _rel(got, ref.forward(x, layer)) < 1e-6, (family, mode, layer, tokens)

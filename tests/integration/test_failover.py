@@ -248,10 +248,13 @@ def _traffic_then(dep, ref, xs: list[torch.Tensor], fault, after: int, clients: 
         return sum(f.result() for f in futures)
 
 
-@pytest.mark.parametrize("transport", ["grpc", "object_store"])
+@pytest.mark.parametrize("transport", ["grpc", "object_store", "rdt"])
 def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, transport: str) -> None:
     """SIGSTOP a group with batches in flight to it: they are given up once it misses its pings and
-    planned again on the other replicas; every request answers, exact. Continued, it serves again."""
+    planned again on the other replicas; every request answers, exact. Continued, it serves again.
+    rdt: the collective group breaks with transfers in flight; no other member may be lost with it (Ray
+    kills both ends of a failed collective transfer unless told otherwise), and once the member answers
+    again the group is rebuilt with it and RDT serves again."""
     dep, ref = _deploy(f"fostop-{transport}".replace("_", ""), replicas=2, supervisor=False, transport=transport)
     victim = 1
     pid = _pid(dep.groups[victim])
@@ -262,15 +265,22 @@ def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, trans
         status = ray.get(dep.routers[0].status.remote(), timeout=30)
         assert victim in status["dead"], status["dead"]
         assert status["counters"].get("failovers", 0) >= 1, status["counters"]
+        assert all(ray.get([g.ping.remote() for i, g in enumerate(dep.groups) if i != victim], timeout=30))
     finally:
         os.kill(pid, signal.SIGCONT)  # harmless when it was never stopped
     try:
         _until(lambda: _dead(dep) == [], "the continued group never read as alive again")
+        if transport == "rdt":
+            _until(lambda: ray.get(dep.routers[0].status.remote(), timeout=30)["rdt_ready"],
+                   "the collective group was never rebuilt", bound_s=60)
         before = ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"]
+        served = ray.get(dep.routers[0].status.remote(), timeout=30)["counters"]["by_transport"].get(transport, 0)
         for i in range(40):
             x = torch.randn(1 + i, 32, generator=gen)
-            assert _rel(dep.forward(x, i % 2), ref.forward(x, i % 2)) < 1e-6
+            assert _rel(dep.result(dep.submit(x, i % 2), x, timeout=NOTICED_S), ref.forward(x, i % 2)) < 1e-6
         assert ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"] > before
+        status = ray.get(dep.routers[0].status.remote(), timeout=30)
+        assert status["counters"]["by_transport"].get(transport, 0) >= served + 40, status["counters"]
     finally:
         dep.shutdown()
 
@@ -288,11 +298,43 @@ def test_collective_member_that_stops_answering_is_replaced_and_nothing_is_lost(
         assert _traffic_stopping(dep, ref, xs, pid, after=10) == len(xs)
         _until_replaced(dep, victim_name, "the silent member")
         x = torch.randn(33, 32, generator=gen)
-        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
+        assert _rel(dep.result(dep.submit(x, 0), x, timeout=NOTICED_S), ref.forward(x, 0)) < 1e-6
     finally:
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:  # replaced: the supervisor killed it
+            pass
+        dep.shutdown()
+
+
+def test_collective_group_is_never_rebuilt_with_a_silent_member(ray_local) -> None:
+    """RDT, no supervisor: once a member is silent, rebuild attempts leave it out of the collective
+    group: members join on their main threads, in front of every batch, and one that never joins holds
+    them there for the collective timeout (torch's default: 30 minutes). So once the silent member is
+    killed and rebuilds begin, the others still answer at once."""
+    dep, ref = _deploy("forebuild", replicas=2, transport="rdt", supervisor=False)
+    victim = 1
+    pid = _pid(dep.groups[victim])
+    gen = torch.Generator().manual_seed(10)
+    try:
+        x = torch.randn(12, 32, generator=gen)
+        assert _rel(dep.forward(x, 0), ref.forward(x, 0)) < 1e-6
+        os.kill(pid, signal.SIGSTOP)
+        _until(lambda: _dead(dep) == [victim], "the silent member was never noticed")
+        for i in range(6):  # each dispatch past the rebuild delay starts a rebuild attempt
+            x = torch.randn(5 + i, 32, generator=gen)
+            assert _rel(dep.result(dep.submit(x, i % 2), x, timeout=NOTICED_S), ref.forward(x, i % 2)) < 1e-6
+            time.sleep(0.5)
+        ray.kill(dep.groups[victim])  # as a supervisor would; the teardown it held up ends, rebuilds begin
+        for i in range(16):
+            x = torch.randn(7 + i, 32, generator=gen)
+            assert _rel(dep.result(dep.submit(x, i % 2), x, timeout=10), ref.forward(x, i % 2)) < 1e-6
+            time.sleep(0.5)
+        assert not ray.get(dep.routers[0].status.remote(), timeout=30)["rdt_ready"]
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
             pass
         dep.shutdown()
 
