@@ -31,11 +31,13 @@ log = logging.getLogger(__name__)
 REBUILD_DELAY_S = 1.0
 # every member must answer a ping within this before a collective group is built with it
 MEMBER_PING_S = 2.0
-_COLLECTIVE_BACKENDS = {"GLOO", "TORCH_GLOO", "NCCL"}
+# the transfers whose failure kills no actor: gloo (CPU). NOTE: NCCL keeps Ray's kill: a communicator with
+# a failed peer can leave kernels waiting on the device, which only ending the process clears.
+_SPARED_BACKENDS = {"GLOO", "TORCH_GLOO"}
 
 
 def spare_actors_of_failed_transfers() -> bool:
-    """Stop Ray from killing both ends of an RDT transfer that failed or timed out (its answer for
+    """Stop Ray from killing both ends of a gloo RDT transfer that failed or timed out (its answer for
     collective backends, which cannot abort a transfer); this transport destroys and rebuilds the
     collective group instead, and the expert groups keep serving on the other transports.
 
@@ -53,7 +55,7 @@ def spare_actors_of_failed_transfers() -> bool:
 
     def abort(failed_ref: Any, ref_info_map: dict, exception: Exception) -> None:
         info = ref_info_map.get(failed_ref.hex())
-        if info is None or str(getattr(info, "backend", "")).upper() not in _COLLECTIVE_BACKENDS:
+        if info is None or str(getattr(info, "backend", "")).upper() not in _SPARED_BACKENDS:
             return original(failed_ref, ref_info_map, exception)
         ref_info_map.pop(failed_ref.hex(), None)
         if info.send_ref is not None:
