@@ -339,6 +339,43 @@ def test_collective_group_is_never_rebuilt_with_a_silent_member(ray_local) -> No
         dep.shutdown()
 
 
+def test_ping_answers_of_a_replaced_group_list_are_not_applied_to_the_new_one(ray_local) -> None:
+    """A ping round in flight when a new routing table renumbers the groups answers for the old list.
+    Group 1 is stopped; while a round waits on it, a table that swaps groups 1 and 2 is adopted. The
+    round's "1 is silent" is of the old numbering: taken for the new one it would mark the live group
+    (now 1) dead and send batches to the stopped one (now 2). The router drops it; the next round
+    finds group 2 silent."""
+    from router_svc.table import RoutingTable
+
+    dep, ref = _deploy("fostaleping", replicas=2, supervisor=False)
+    pid = _pid(dep.groups[1])
+    router = dep.routers[0]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        _until(lambda: _dead(dep) == [1], "the stopped group was never noticed")
+        # NOTE: rounds last the 2 s ping timeout and repeat 1 s after; one has begun ~1 s after the
+        # last was read, and the swap lands inside it (were it outside, the test would pass vacuously).
+        time.sleep(1.3)
+        old = dep.table
+        order = [0, 2, 1]
+        swapped = RoutingTable.build(old.version + 1, old.num_experts, [old.groups[i] for i in order],
+                                     [old.placement[i] for i in order])
+        handles = [dep.groups[i] for i in order]
+        assert ray.get(router.update_table.remote(swapped, handles), timeout=30) == swapped.version
+        seen = set()
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            seen.add(tuple(_dead(dep)))
+            time.sleep(0.05)
+        assert (1,) not in seen, f"the old list's answer marked the live group dead: {sorted(seen)}"
+        assert _dead(dep) == [2]
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(11))
+        assert _rel(dep.result(dep.submit(x, 0), x, timeout=NOTICED_S), ref.forward(x, 0)) < 1e-6
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        dep.shutdown()
+
+
 def test_group_that_stops_answering_with_no_replica_fails_with_a_reason(ray_local) -> None:
     """failover=fail: a request whose expert is only on a silent group fails (not waits forever)."""
     dep, ref = _deploy("fostopfail", replicas=1, failover="fail", supervisor=False)
