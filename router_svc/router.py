@@ -37,7 +37,8 @@ from router_svc.local import SharedExperts
 from router_svc.table import RoutingTable, layer_orders
 from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, make_tracer
 from router_svc.usage import Usage
-from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, Part, RdtTransport, Transport, TransportError
+from router_svc.transports import (FALLBACKS, TRANSPORTS, Batch, GroupsDown, Part, RdtTransport, Transport, TransportError,
+                                   ping_answers)
 
 if TYPE_CHECKING:
     from router_svc.gateway import GatewayConfig
@@ -207,8 +208,7 @@ class Router:
                     self.metrics.note_events(list(st.get("events", [])))
             try:
                 handles = self.groups
-                pings = [asyncio.wait_for(g.ping.remote(), timeout=max(period_s, 2.0)) for g in handles]
-                results = await asyncio.gather(*pings, return_exceptions=True)
+                results = await ping_answers(handles, max(period_s, 2.0))
                 # NOTE: a table adopted meanwhile renumbers the groups; these answers are of the old list.
                 if handles is self.groups:
                     self._set_dead({g for g, r in enumerate(results) if r is not True}, {g for g, r in enumerate(results) if r is False})

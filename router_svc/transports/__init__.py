@@ -1,6 +1,6 @@
 """Transports from a Router to its expert groups, chosen by name through one registry."""
 
-from router_svc.transports.base import Batch, GroupsDown, Part, Transport, TransportError
+from router_svc.transports.base import Batch, GroupsDown, Part, Transport, TransportError, ping_answers
 from router_svc.transports.grpc_client import GrpcTransport
 from router_svc.transports.object_store import ObjectStoreTransport
 from router_svc.transports.rdt import DispatchWorker, RdtTransport
@@ -18,4 +18,4 @@ FALLBACKS: dict[str, tuple[str, ...]] = {
     "auto": ("rdt", "object_store", "grpc"),
 }
 
-__all__ = ["Batch", "DispatchWorker", "FALLBACKS", "GroupsDown", "Part", "TRANSPORTS", "Transport", "TransportError"]
+__all__ = ["Batch", "DispatchWorker", "FALLBACKS", "GroupsDown", "Part", "TRANSPORTS", "Transport", "TransportError", "ping_answers"]

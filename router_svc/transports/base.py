@@ -5,6 +5,7 @@ Legend: N rows of a merged batch, sorted by (group, local slot); D hidden.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -51,6 +52,13 @@ class GroupsDown(TransportError):
     def __init__(self, *, transport: str, groups: tuple[int, ...], reason: str, hung: bool = False) -> None:
         self._set(f"transport {transport}: expert groups {list(groups)} down: {reason}",
                   transport=transport, groups=tuple(groups), reason=reason, hung=bool(hung))
+
+
+async def ping_answers(groups: Sequence[Any], timeout_s: float) -> list[Any]:
+    """Every group's `ping`, concurrently: True (healthy), False (one of its batches computed past its
+    limit), or the exception in place of an answer (dead, or none within `timeout_s`: stopped, cut off)."""
+    pings = [asyncio.wait_for(g.ping.remote(), timeout=timeout_s) for g in groups]
+    return await asyncio.gather(*pings, return_exceptions=True)
 
 
 class Transport(ABC):

@@ -25,7 +25,7 @@ import ray
 import torch
 
 from expert_workers import collective, wire
-from router_svc.transports.base import Batch, Transport, TransportError
+from router_svc.transports.base import Batch, Transport, TransportError, ping_answers
 
 log = logging.getLogger(__name__)
 REBUILD_DELAY_S = 1.0
@@ -61,7 +61,8 @@ def spare_actors_of_failed_transfers() -> bool:
         if info.send_ref is not None:
             ref_info_map.pop(info.send_ref.hex(), None)
         ref_info_map.pop(info.recv_ref.hex(), None)
-        reason = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
+        text = str(exception).strip()
+        reason = text.splitlines()[0] if text else type(exception).__name__
         log.warning("RDT transfer %s failed (%s); the collective group is rebuilt, no actor killed", info.obj_id, reason)
 
     abort._moe_serve = True  # type: ignore[attr-defined]
@@ -131,7 +132,7 @@ class RdtTransport(Transport):
             self._tearing = None
         worker = None
         members = list(self.groups)
-        silent = await self._silent(members)
+        silent = [i for i, a in enumerate(await ping_answers(members, MEMBER_PING_S)) if a is not True]
         if silent:  # nothing built, nothing to reset; try again after the rebuild delay
             log.info("collective group (%s) not rebuilt: expert groups %s did not answer a ping within %s s",
                      self.backend, silent, MEMBER_PING_S)
@@ -159,13 +160,6 @@ class RdtTransport(Transport):
             if worker is not None:
                 ray.kill(worker)
             await self._reset_members(members)
-
-    @staticmethod
-    async def _silent(members: Sequence[Any]) -> list[int]:
-        """Members that did not answer True (dead, stopped, cut off, or computing past their limit)."""
-        pings = [asyncio.wait_for(g.ping.remote(), timeout=MEMBER_PING_S) for g in members]
-        answers = await asyncio.gather(*pings, return_exceptions=True)
-        return [i for i, a in enumerate(answers) if a is not True]
 
     def abandon(self, reason: str) -> None:
         """A member stopped answering: the group reads as unavailable at once and is torn down in the

@@ -215,8 +215,12 @@ def _until_replaced(dep, name: str, what: str) -> None:
            f"the supervisor never replaced {what}", bound_s=120)
 
 
+def _status(dep) -> dict:
+    return ray.get(dep.routers[0].status.remote(), timeout=30)
+
+
 def _dead(dep) -> list[int]:
-    return ray.get(dep.routers[0].status.remote(), timeout=30)["dead"]
+    return _status(dep)["dead"]
 
 
 def _traffic_stopping(dep, ref, xs: list[torch.Tensor], pid: int, after: int, clients: int = 8) -> int:
@@ -262,7 +266,7 @@ def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, trans
         gen = torch.Generator().manual_seed(6)
         xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(200)]
         assert _traffic_stopping(dep, ref, xs, pid, after=20) == len(xs)
-        status = ray.get(dep.routers[0].status.remote(), timeout=30)
+        status = _status(dep)
         assert victim in status["dead"], status["dead"]
         assert status["counters"].get("failovers", 0) >= 1, status["counters"]
         assert all(ray.get([g.ping.remote() for i, g in enumerate(dep.groups) if i != victim], timeout=30))
@@ -271,15 +275,15 @@ def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, trans
     try:
         _until(lambda: _dead(dep) == [], "the continued group never read as alive again")
         if transport == "rdt":
-            _until(lambda: ray.get(dep.routers[0].status.remote(), timeout=30)["rdt_ready"],
+            _until(lambda: _status(dep)["rdt_ready"],
                    "the collective group was never rebuilt", bound_s=60)
         before = ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"]
-        served = ray.get(dep.routers[0].status.remote(), timeout=30)["counters"]["by_transport"].get(transport, 0)
+        served = _status(dep)["counters"]["by_transport"].get(transport, 0)
         for i in range(40):
             x = torch.randn(1 + i, 32, generator=gen)
             assert _rel(dep.result(dep.submit(x, i % 2), x, timeout=NOTICED_S), ref.forward(x, i % 2)) < 1e-6
         assert ray.get(dep.groups[victim].stats.remote(), timeout=30)["batches"] > before
-        status = ray.get(dep.routers[0].status.remote(), timeout=30)
+        status = _status(dep)
         assert status["counters"]["by_transport"].get(transport, 0) >= served + 40, status["counters"]
     finally:
         dep.shutdown()
@@ -330,7 +334,7 @@ def test_collective_group_is_never_rebuilt_with_a_silent_member(ray_local) -> No
             x = torch.randn(7 + i, 32, generator=gen)
             assert _rel(dep.result(dep.submit(x, i % 2), x, timeout=10), ref.forward(x, i % 2)) < 1e-6
             time.sleep(0.5)
-        assert not ray.get(dep.routers[0].status.remote(), timeout=30)["rdt_ready"]
+        assert not _status(dep)["rdt_ready"]
     finally:
         try:
             os.kill(pid, signal.SIGCONT)
@@ -408,7 +412,7 @@ def test_request_waiting_on_a_silent_group_goes_on_when_it_answers_again(ray_loc
         held = dep.submit(x, 0)
         ready, _ = ray.wait([in_flight, held], num_returns=2, timeout=1.0)
         assert not ready, "answered while its only group was stopped"
-        assert ray.get(dep.routers[0].status.remote(), timeout=30)["counters"].get("failovers", 0) >= 1
+        assert _status(dep)["counters"].get("failovers", 0) >= 1
         os.kill(pid, signal.SIGCONT)
         stopped = False
         # NOTE: well inside failover_wait_s (60 s): the answers come from the group's return, not the wait's end.
@@ -433,7 +437,7 @@ def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_loc
         xs = [torch.randn(1 + i % 30, 32, generator=gen) for i in range(200)]
         hang = lambda: ray.get(victim.__ray_call__.remote(hang_compute), timeout=30)  # noqa: E731
         assert _traffic_then(dep, ref, xs, hang, after=20) == len(xs)
-        status = ray.get(dep.routers[0].status.remote(), timeout=30)
+        status = _status(dep)
         assert 1 in status["dead"], status["dead"]
         assert status["counters"].get("failovers", 0) >= 1, status["counters"]
         assert ray.get(victim.ping.remote(), timeout=30) is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -29,8 +30,6 @@ def test_bound_waits_is_the_timeout_torch_gives_a_gloo_group_made_without_one(de
 
 def test_a_group_joined_under_the_bound_waits_no_longer_than_it(default_timeout, tmp_path) -> None:
     """A one-member wait: joining a two-member group whose other member never comes gives up at the bound."""
-    import time
-
     collective.bound_waits(1.5)
     t0 = time.monotonic()
     with pytest.raises(Exception):
