@@ -108,13 +108,14 @@ class GatewayEngine(DeploymentEngine):
 class NaiveExpert:
     """One expert's weights in a plain Ray actor; numpy rows in, numpy rows out."""
 
-    def __init__(self, path: str, expert: int) -> None:
+    def __init__(self, path: str, expert: int, device: str = "cpu") -> None:
         from expert_workers.checkpoint import HFCheckpoint
         from expert_workers.ffn import GroupedExperts
 
         torch.set_num_threads(1)
         ck = HFCheckpoint(path)
-        self.experts = GroupedExperts([ck.expert(LAYER, expert)], activation=ck.spec.activation, gated=ck.spec.gated)
+        self.device = device
+        self.experts = GroupedExperts([ck.expert(LAYER, expert).to(device=device)], activation=ck.spec.activation, gated=ck.spec.gated)
 
     def ping(self) -> bool:
         return True
@@ -123,7 +124,12 @@ class NaiveExpert:
         from expert_workers import wire
 
         with torch.no_grad():
-            return self.experts.forward(wire.from_numpy(x, "float32"), [x.shape[0]]).numpy()
+            return self.experts.forward(wire.from_numpy(x, "float32").to(self.device), [x.shape[0]]).cpu().numpy()
+
+
+# the share of the one GPU each baseline actor / replica takes with --device cuda (all fit beside the deployment)
+NAIVE_GPUS = 0.05
+SHARD_GPUS = 0.2
 
 
 class NaiveRayEngine(Engine):
@@ -131,12 +137,12 @@ class NaiveRayEngine(Engine):
 
     name, kind = "naive_ray", "baseline"
 
-    def __init__(self, path: str, moe: Any) -> None:
+    def __init__(self, path: str, moe: Any, device: str = "cpu") -> None:
         import ray
 
         self.ray = ray
-        cls = ray.remote(NaiveExpert).options(num_cpus=0.25)
-        self.actors = [cls.remote(path, e) for e in range(EXPERTS)]
+        cls = ray.remote(NaiveExpert).options(num_cpus=0.25, **({"num_gpus": NAIVE_GPUS} if device == "cuda" else {}))
+        self.actors = [cls.remote(path, e, device) for e in range(EXPERTS)]
         ray.get([a.ping.remote() for a in self.actors])
         self.gate = moe.layer(LAYER).router.weight.float()
         self.routing = moe.spec.routing
@@ -162,26 +168,29 @@ class NaiveRayEngine(Engine):
             self.ray.kill(a)
 
 
-def _serve_app(path: str, max_ongoing: int, placement: list[list[int]]) -> Any:
+def _serve_app(path: str, max_ongoing: int, placement: list[list[int]], device: str = "cpu") -> Any:
     """A Ray Serve app as a Ray user would write it: a router deployment and one deployment per expert group."""
     from ray import serve
 
-    @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 1})
+    shard_resources = {"num_cpus": 1, **({"num_gpus": SHARD_GPUS} if device == "cuda" else {})}
+
+    @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options=shard_resources)
     class ExpertShard:
-        def __init__(self, path: str, experts: list[int]) -> None:
+        def __init__(self, path: str, experts: list[int], device: str) -> None:
             from expert_workers.checkpoint import HFCheckpoint
             from expert_workers.ffn import GroupedExperts
 
             torch.set_num_threads(1)
             ck = HFCheckpoint(path)
-            self.experts = GroupedExperts([ck.expert(LAYER, e) for e in experts], activation=ck.spec.activation,
+            self.device = device
+            self.experts = GroupedExperts([ck.expert(LAYER, e).to(device=device) for e in experts], activation=ck.spec.activation,
                                           gated=ck.spec.gated)
 
         def __call__(self, x: np.ndarray, counts: list[int]) -> np.ndarray:
             from expert_workers import wire
 
             with torch.no_grad():
-                return self.experts.forward(wire.from_numpy(x, "float32"), counts).numpy()
+                return self.experts.forward(wire.from_numpy(x, "float32").to(self.device), counts).cpu().numpy()
 
     @serve.deployment(max_ongoing_requests=max_ongoing, ray_actor_options={"num_cpus": 1})
     class MoERouter:
@@ -221,20 +230,20 @@ def _serve_app(path: str, max_ongoing: int, placement: list[list[int]]) -> Any:
                 out = torch.zeros_like(x_TD).index_add_(0, token, y * weight[:, None])
                 return out.numpy()
 
-    shards = [ExpertShard.options(name=f"experts-{g}").bind(path, experts) for g, experts in enumerate(placement)]
+    shards = [ExpertShard.options(name=f"experts-{g}").bind(path, experts, device) for g, experts in enumerate(placement)]
     return MoERouter.bind(path, shards, placement)
 
 
 class ServeEngine(Engine):
     name, kind = "ray_serve", "baseline"
 
-    def __init__(self, path: str, max_ongoing: int, placement: list[list[int]]) -> None:
+    def __init__(self, path: str, max_ongoing: int, placement: list[list[int]], device: str = "cpu") -> None:
         from ray import serve
 
         self.serve = serve
         # NOTE: no HTTP proxy at all (handles only), so nothing listens beyond Ray's own loopback ports.
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
-        self.handle = serve.run(_serve_app(path, max_ongoing, placement), name="moe_bench", route_prefix=None)
+        self.handle = serve.run(_serve_app(path, max_ongoing, placement, device), name="moe_bench", route_prefix=None)
 
     def call(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.handle.remote(x.numpy()).result())

@@ -33,6 +33,7 @@ from router_svc import names
 from router_svc.local import RoutingReport
 from router_svc.router import ForwardOutput, Router
 from router_svc.table import GroupRef, RoutingTable
+from router_svc.transports.rdt import PEER_GPUS
 
 NAMESPACE = names.NAMESPACE
 log = logging.getLogger(__name__)
@@ -70,6 +71,15 @@ def _placed(refs: list, what: str, cpus: float) -> list:
         have = ray.cluster_resources().get("CPU", 0)
         raise TimeoutError(f"{what} not ready after {PLACE_TIMEOUT_S:.0f} s; the cluster may lack room "
                            f"(they need {cpus:g} CPUs, the cluster has {have:g})") from None
+
+
+def group_gpu_request(group_gpus: float) -> float:
+    """The GPUs a CUDA group asks Ray for: `group_gpus`, less the router's RDT peer's share (PEER_GPUS)
+    where it is at most one GPU, so that peer finds room on a GPU beside the groups (Ray takes no
+    fraction above one GPU: a group of several GPUs asks for them whole)."""
+    if PEER_GPUS < group_gpus <= 1:
+        return round(group_gpus - PEER_GPUS, 4)
+    return group_gpus
 
 
 def _resolve_device(requested: str) -> str:
@@ -121,7 +131,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
             if detached:
                 opts["lifetime"] = "detached"
             if device == "cuda":
-                opts["num_gpus"] = d.group_gpus
+                opts["num_gpus"] = group_gpu_request(d.group_gpus)
             elif d.huge_pages:
                 # NOTE: read once by torch when the process starts, so it must be in the worker's environment
                 # (Ray merges these variables into any runtime_env the job has).

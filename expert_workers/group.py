@@ -252,6 +252,7 @@ class ExpertGroup:
             "slots": [list(s) for s in self.core.slots],
             "grpc_address": self.grpc_address,
             "threads": torch.get_num_threads(),
+            "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
             **huge_pages(),
         }
 
@@ -308,7 +309,12 @@ class ExpertGroup:
 
     @ray.method(tensor_transport="nccl")
     def forward_nccl(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
-        """RDT path on GPU: NCCL between GPUs (CUDA IPC where peers share one)."""
+        """RDT path on GPU from a peer on another GPU: NCCL."""
+        return self.core.compute(layer, experts, counts, x)
+
+    @ray.method(tensor_transport="cuda_ipc")
+    def forward_cuda_ipc(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """RDT path on GPU from a peer on this group's GPU: CUDA IPC (the peers map each other's memory)."""
         return self.core.compute(layer, experts, counts, x)
 
     def _grpc_forward(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:

@@ -594,7 +594,9 @@ class Router:
             "counters": {**self.counters, "by_transport": dict(self.counters["by_transport"]), "peak_in_flight": self.batcher.peak_in_flight,
                          "fallbacks_by_from": dict(self.counters["fallbacks_by_from"])},
             "rdt_rebuilds": getattr(rdt, "rebuilds", 0),
-            "rdt_ready": bool(rdt is not None and getattr(rdt, "group", None) is not None),
+            "rdt_ready": bool(rdt is not None and rdt.ready),
+            "rdt_routes": None if rdt is None else rdt.routes,
+            "rdt_unavailable": None if rdt is None else rdt.unrouted,
             "rdt_owner": self.config.rdt_owner,
             "dead": sorted(self.dead),
             "expert_tokens": {int(l): v.tolist() for l, v in self.usage.tokens.items()},
@@ -624,8 +626,8 @@ class Router:
         if table.version <= self.table.version:
             return self.table.version
         rdt = self.transports["rdt"]
-        if getattr(rdt, "group", None) is not None and [g.name for g in table.groups] != [g.name for g in self.table.groups]:
-            await rdt.close()  # members changed: the collective group is rebuilt with the new ones
+        if [g.name for g in table.groups] != [g.name for g in self.table.groups]:
+            await rdt.close()  # members changed: RDT is built again with the new ones
         self.table = table
         self.groups = list(groups)
         addresses = [g.grpc_address for g in table.groups]
@@ -642,7 +644,7 @@ class Router:
         self.config = replace(self.config, transport=mode)
         self.chain = self._chain_for(mode)
         rdt = self.transports["rdt"]
-        if "rdt" in self.chain and getattr(rdt, "group", None) is None:
+        if "rdt" in self.chain and not rdt.ready:
             await rdt.start()  # type: ignore[attr-defined]
         if mode == "auto":
             await self._measure()

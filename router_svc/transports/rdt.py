@@ -1,4 +1,5 @@
-"""Ray Direct Transport: tensors move peer to peer over gloo (CPU) or NCCL (GPU), not through the object store.
+"""Ray Direct Transport: tensors move peer to peer over gloo (CPU), CUDA IPC (peers sharing one GPU)
+or NCCL (between GPUs), not through the object store.
 
 NOTE: Ray only moves a tensor by RDT as the single return value of a method declared
 with `tensor_transport`, and only for tasks submitted by the process that created the
@@ -7,6 +8,10 @@ group per backend. So the Router is the controller: it creates one group of a
 `DispatchWorker` (its data-holding peer) plus the expert groups, and drives
     worker.take(x) --RDT--> group.forward_<backend>(rows) --RDT--> worker.gather(ys)
 The batch reaches the worker and the result comes back through the object store.
+On CUDA the backend is chosen per expert group where Ray placed it (`rdt_routes`): CUDA IPC
+(one-sided, no collective group) with a group on the worker's own GPU, NCCL with a group on
+another GPU (one rank per GPU). The worker needs a share of a GPU (`PEER_GPUS`; deploy leaves it
+free beside the groups); Ray's placement of it is waited for only `place_s`.
 A dead member breaks the group: it is destroyed, the transport reports itself
 unavailable, and it is rebuilt in the background while other transports serve. It is
 rebuilt only with members that answer a ping: a member that never joins would hold the
@@ -31,6 +36,12 @@ log = logging.getLogger(__name__)
 REBUILD_DELAY_S = 1.0
 # every member must answer a ping within this before a collective group is built with it
 MEMBER_PING_S = 2.0
+# the share of a GPU the router's RDT peer (DispatchWorker) asks for; deploy leaves it free beside the groups
+PEER_GPUS = 0.01
+# how long Ray may take to place the RDT peer (on CUDA it waits for a free share of a GPU)
+PLACE_S = 30.0
+# the wait before trying again when the peer could not be placed or the groups' GPUs admit no RDT route
+UNROUTED_RETRY_S = 60.0
 # the transfers whose failure kills no actor: gloo (CPU). NOTE: NCCL keeps Ray's kill: a communicator with
 # a failed peer can leave kernels waiting on the device, which only ending the process clears.
 _SPARED_BACKENDS = {"GLOO", "TORCH_GLOO"}
@@ -70,15 +81,47 @@ def spare_actors_of_failed_transfers() -> bool:
     return True
 
 
+class Unrouted(Exception):
+    """RDT cannot reach the expert groups as Ray placed them (or the worker was not placed)."""
+
+
+def rdt_routes(worker_at: tuple[str, tuple[str, ...]], members_at: Sequence[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """The CUDA backend to each member, from (node id, Ray GPU ids) of the worker and of each member:
+    `cuda_ipc` to a member on the worker's GPU (same node, its first GPU id), `nccl` to the others.
+    Raises Unrouted when a member holds no GPU or two NCCL members share one (NCCL takes one rank per GPU)."""
+    node, gpus = worker_at
+    if not gpus:
+        raise Unrouted("the router's RDT peer holds no GPU")
+    routes: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for i, (n, g) in enumerate(members_at):
+        if not g:
+            raise Unrouted(f"expert group {i} holds no GPU")
+        if n == node and g[0] == gpus[0]:
+            routes.append("cuda_ipc")
+            continue
+        if (n, g[0]) in ranks:
+            raise Unrouted(f"expert groups {ranks[(n, g[0])]} and {i} share GPU {g[0]} of node {n[:12]} away from the "
+                           "router's RDT peer: NCCL takes one rank per GPU")
+        ranks[(n, g[0])] = i
+        routes.append("nccl")
+    return routes
+
+
+def where() -> dict[str, Any]:
+    """This process's node id and the GPU ids Ray gave it (as strings)."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+
+
 class DispatchWorker:
-    """The router's peer in the collective group: cuts the batch into per-group tensors, gathers outputs."""
+    """The router's RDT peer: cuts the batch into per-group tensors, gathers outputs."""
 
     def __init__(self, device: str) -> None:
         self.device = device
         collective.bound_waits()
 
-    def ping(self) -> bool:
-        return True
+    def where(self) -> dict[str, Any]:
+        return where()
 
     @ray.method(tensor_transport="gloo")
     def take_gloo(self, x: np.ndarray, dtype: str, start: int, end: int) -> torch.Tensor:
@@ -86,6 +129,10 @@ class DispatchWorker:
 
     @ray.method(tensor_transport="nccl")
     def take_nccl(self, x: np.ndarray, dtype: str, start: int, end: int) -> torch.Tensor:
+        return wire.from_numpy(x, dtype)[start:end].to("cuda")
+
+    @ray.method(tensor_transport="cuda_ipc")
+    def take_cuda_ipc(self, x: np.ndarray, dtype: str, start: int, end: int) -> torch.Tensor:
         return wire.from_numpy(x, dtype)[start:end].to("cuda")
 
     def gather(self, *ys: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -96,16 +143,22 @@ class RdtTransport(Transport):
     name = "rdt"
 
     def __init__(self, groups: Sequence[Any], addresses: Sequence[str], device: str, *, worker_name: str | None = None,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, place_s: float = PLACE_S) -> None:
         super().__init__(groups, addresses, device)
         self.backend = "nccl" if device == "cuda" else "gloo"
         self.worker_name = worker_name
         self.namespace = namespace
+        self.place_s = place_s
         self.worker: Any = None
+        # the collective group (None where every route is CUDA IPC) and each expert group's backend once built
         self.group: Any = None
+        self.routes: list[str] | None = None
+        # why the last build found no route (the peer unplaced, GPUs that admit none), for status
+        self.unrouted: str | None = None
         self._broken_since: float | None = None
+        self._retry_s = REBUILD_DELAY_S
         self._building: asyncio.Task | None = None
-        # the expert groups the current collective group was built with, and a teardown running in the background
+        # the expert groups in the current collective group, and a teardown running in the background
         self._members: list[Any] = []
         self._tearing: asyncio.Task | None = None
         self.rebuilds = 0
@@ -113,11 +166,15 @@ class RdtTransport(Transport):
         if not spare_actors_of_failed_transfers():
             log.warning("this Ray has no RDTManager._abort_transport: a failed transfer kills both its ends")
 
+    @property
+    def ready(self) -> bool:
+        return self.routes is not None
+
     def available(self) -> bool:
-        if self.group is not None:
+        if self.routes is not None:
             return True
         if self._building is None or self._building.done():
-            if self._broken_since is None or time.monotonic() - self._broken_since >= REBUILD_DELAY_S:
+            if self._broken_since is None or time.monotonic() - self._broken_since >= self._retry_s:
                 self._building = asyncio.get_running_loop().create_task(self._build())
         return False
 
@@ -138,33 +195,54 @@ class RdtTransport(Transport):
                      self.backend, silent, MEMBER_PING_S)
             self._broken_since = time.monotonic()
             return
+        collective_members: list[Any] = []
         try:
             opts: dict[str, Any] = {"num_cpus": 0}
             if self.device == "cuda":
-                opts["num_gpus"] = 0.01
+                opts["num_gpus"] = PEER_GPUS
             if self.worker_name:
                 opts.update(name=f"{self.worker_name}-{self._attempts}", namespace=self.namespace)
             self._attempts += 1
             worker = ray.remote(DispatchWorker).options(**opts).remote(self.device)
-            await worker.ping.remote()
-            backend = "nccl" if self.backend == "nccl" else "torch_gloo"
-            loop = asyncio.get_running_loop()
-            # NOTE: create_collective_group blocks on its members; keep it off the event loop.
-            group = await loop.run_in_executor(None, lambda: create_collective_group([worker, *members], backend=backend))
-            self.worker, self.group, self._members = worker, group, members
-            self._broken_since = None
+            try:
+                at = await asyncio.wait_for(worker.where.remote(), timeout=self.place_s)
+            except asyncio.TimeoutError:
+                need = f" (it needs {PEER_GPUS} of a GPU: leave that share free beside the expert groups)" if self.device == "cuda" else ""
+                raise Unrouted(f"Ray did not place the router's RDT peer within {self.place_s:g} s{need}") from None
+            if self.device == "cuda":
+                infos = await asyncio.gather(*(asyncio.wait_for(g.info.remote(), timeout=MEMBER_PING_S) for g in members))
+                routes = rdt_routes((at["node_id"], tuple(at["gpu_ids"])), [(i["node_id"], tuple(i["gpu_ids"])) for i in infos])
+            else:
+                routes = ["gloo"] * len(members)
+            collective_members = [m for m, r in zip(members, routes) if r != "cuda_ipc"]
+            group = None
+            if collective_members:
+                backend = "nccl" if self.backend == "nccl" else "torch_gloo"
+                loop = asyncio.get_running_loop()
+                # NOTE: create_collective_group blocks on its members; keep it off the event loop.
+                group = await loop.run_in_executor(None, lambda: create_collective_group([worker, *collective_members], backend=backend))
+            self.worker, self.group, self._members, self.routes = worker, group, collective_members, routes
+            self._broken_since, self._retry_s, self.unrouted = None, REBUILD_DELAY_S, None
             self.rebuilds += 1
-        except Exception as e:  # a dead member makes creation fail; try again later
-            log.warning("collective group (%s) could not be built: %s", self.backend, e)
-            self._broken_since = time.monotonic()
+            if self.device == "cuda":
+                log.info("RDT routes to the expert groups: %s", routes)
+        except Unrouted as e:  # nothing built; the layout changes only with the table (which closes this)
+            log.warning("RDT unavailable: %s; other transports serve (next try in %g s)", e, UNROUTED_RETRY_S)
+            self.unrouted = str(e)
+            self._broken_since, self._retry_s = time.monotonic(), UNROUTED_RETRY_S
             if worker is not None:
                 ray.kill(worker)
-            await self._reset_members(members)
+        except Exception as e:  # a dead member makes creation fail; try again later
+            log.warning("collective group (%s) could not be built: %s", self.backend, e)
+            self._broken_since, self._retry_s = time.monotonic(), REBUILD_DELAY_S
+            if worker is not None:
+                ray.kill(worker)
+            await self._reset_members(collective_members)
 
     def abandon(self, reason: str) -> None:
         """A member stopped answering: the group reads as unavailable at once and is torn down in the
         background (destroying it may wait on the stopped member); the next build waits for that."""
-        if self.group is not None or self.worker is not None:
+        if self.routes is not None or self.worker is not None:
             self._tearing = asyncio.get_running_loop().create_task(self._teardown(*self._detach(reason)))
 
     async def _break(self, reason: str) -> None:
@@ -174,8 +252,8 @@ class RdtTransport(Transport):
         if reason != "closing":
             log.warning("collective group broken (%s); destroying it, other transports serve meanwhile", reason)
         detached = self.group, self.worker, self._members
-        self.group, self.worker, self._members = None, None, []
-        self._broken_since = time.monotonic()
+        self.group, self.worker, self._members, self.routes = None, None, [], None
+        self._broken_since, self._retry_s = time.monotonic(), REBUILD_DELAY_S
         return detached
 
     async def _teardown(self, group: Any, worker: Any, members: list[Any]) -> None:
@@ -205,16 +283,16 @@ class RdtTransport(Transport):
                 log.info("resetting a collective member: %s", e)
 
     async def dispatch(self, batch: Batch) -> torch.Tensor:
-        if self.group is None:
-            raise TransportError(transport=self.name, reason="collective group not built")
-        worker = self.worker
+        routes, worker = self.routes, self.worker
+        if routes is None:
+            raise TransportError(transport=self.name, reason=self.unrouted or "collective group not built")
         x_np, dtype = wire.to_numpy(batch.x_ND)
         x_ref = ray.put(x_np)
-        take = worker.take_nccl if self.backend == "nccl" else worker.take_gloo
         y_refs = []
         for p in batch.parts:
-            rows = take.remote(x_ref, dtype, p.start, p.end)
-            fwd = self.groups[p.group].forward_nccl if self.backend == "nccl" else self.groups[p.group].forward_gloo
+            route = routes[p.group]
+            rows = getattr(worker, f"take_{route}").remote(x_ref, dtype, p.start, p.end)
+            fwd = getattr(self.groups[p.group], f"forward_{route}")
             y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows))
         try:
             y_np, y_dtype = await worker.gather.remote(*y_refs)
@@ -230,5 +308,8 @@ class RdtTransport(Transport):
         return wire.from_numpy(y_np, y_dtype)
 
     async def close(self) -> None:
-        if self.group is not None or self.worker is not None:
+        """Tear down what was built; the next use builds again after the short delay (a new table may
+        have placed the groups where RDT reaches them)."""
+        if self.routes is not None or self.worker is not None:
             await self._break("closing")
+        self._retry_s = REBUILD_DELAY_S
