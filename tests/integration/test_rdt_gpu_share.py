@@ -1,0 +1,78 @@
+"""Where the router's RDT peer goes on CUDA, on a Ray that counts GPUs it does not have.
+
+Ray hands out GPU ids as a resource (`ray.init(num_gpus=...)`); expert groups hold their share and
+report the ids, while computing on the CPU here. So the placement half of RDT on CUDA runs for real:
+the peer finds room only because deploy asks for `group_gpus` less its share, and the routes follow
+from where Ray put everyone. Moving tensors over CUDA IPC needs the device (tests/gpu).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from cluster.deploy import group_gpu_request
+from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
+from expert_workers.source import SourceSpec
+from expert_workers.spec import MoESpec
+from router_svc.transports.rdt import RdtTransport
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SPEC = MoESpec.from_dict(dict(hidden_size=16, intermediate_size=8, num_experts=4, num_layers=1, moe_layers=[0],
+                              routing=dict(policy="topk_softmax", top_k=2)))
+
+
+@pytest.fixture(scope="module")
+def ray_one_gpu():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, namespace="moe-serve-tests",
+             _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def _groups(n: int, num_gpus: float) -> list:
+    cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
+    groups = [cls.options(num_cpus=0.5, num_gpus=num_gpus).remote(f"share-{i}", SourceSpec(random=SPEC), []) for i in range(n)]
+    ray.get([g.info.remote() for g in groups], timeout=60)
+    return groups
+
+
+def _build(groups: list) -> tuple[bool, list[str] | None, str | None]:
+    async def go() -> tuple[bool, list[str] | None, str | None]:
+        t = RdtTransport(groups, [""] * len(groups), "cuda", place_s=5.0)
+        await t.start()
+        out = (t.ready, t.routes, t.unrouted)
+        await t.close()
+        return out
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("n, group_gpus", [(1, 1.0), (3, 0.3)])
+def test_the_peer_finds_room_beside_groups_that_asked_for_their_share(ray_one_gpu, n: int, group_gpus: float) -> None:
+    """Groups asking group_gpu_request(group_gpus) leave the peer its 0.01 of the GPU they share:
+    RDT is built, and reaches every group by CUDA IPC (no collective group, no NCCL)."""
+    groups = _groups(n, group_gpu_request(group_gpus))
+    try:
+        assert {tuple(i["gpu_ids"]) for i in ray.get([g.info.remote() for g in groups])} == {("0",)}
+        ready, routes, unrouted = _build(groups)
+        assert ready and routes == ["cuda_ipc"] * n and unrouted is None
+    finally:
+        for g in groups:
+            ray.kill(g)
+
+
+def test_groups_that_take_the_whole_gpu_leave_the_peer_no_room(ray_one_gpu) -> None:
+    """The same build beside a group holding the whole GPU (as deploy asked before it left the share):
+    RDT is unavailable after place_s, with the reason, instead of waiting for ever."""
+    groups = _groups(1, 1.0)
+    try:
+        ready, routes, unrouted = _build(groups)
+        assert not ready and routes is None and "did not place the router's RDT peer within 5 s" in (unrouted or "")
+    finally:
+        for g in groups:
+            ray.kill(g)
