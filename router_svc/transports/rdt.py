@@ -42,15 +42,17 @@ PEER_GPUS = 0.01
 PLACE_S = 30.0
 # the wait before trying again when the peer could not be placed or the groups' GPUs admit no RDT route
 UNROUTED_RETRY_S = 60.0
-# the transfers whose failure kills no actor: gloo (CPU). NOTE: NCCL keeps Ray's kill: a communicator with
-# a failed peer can leave kernels waiting on the device, which only ending the process clears.
-_SPARED_BACKENDS = {"GLOO", "TORCH_GLOO"}
+# the transfers whose failure kills no actor: gloo (CPU) and CUDA IPC (one-sided: the receiver maps the
+# sender's memory or fails; a group whose device then stalls reads as hung through compute_timeout_s and
+# is replaced alone). NOTE: NCCL keeps Ray's kill: a communicator with a failed peer can leave kernels
+# waiting on the device, which only ending the process clears.
+_SPARED_BACKENDS = {"GLOO", "TORCH_GLOO", "CUDA_IPC"}
 
 
 def spare_actors_of_failed_transfers() -> bool:
-    """Stop Ray from killing both ends of a gloo RDT transfer that failed or timed out (its answer for
-    collective backends, which cannot abort a transfer); this transport destroys and rebuilds the
-    collective group instead, and the expert groups keep serving on the other transports.
+    """Stop Ray from killing both ends of a gloo or CUDA IPC RDT transfer that failed or timed out (its
+    answer for transports that cannot abort a transfer); this transport destroys and rebuilds what it
+    built instead, and the expert groups keep serving on the other transports.
 
     NOTE: without this, killing our DispatchWorker while transfers are in flight (a teardown), or
     one transfer stuck behind a stopped member, makes Ray kill every expert group with a transfer

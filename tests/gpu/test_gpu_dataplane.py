@@ -103,3 +103,61 @@ def test_rdt_is_rebuilt_after_its_peer_dies(gpu_deployment) -> None:
         assert time.monotonic() < deadline, "RDT was not rebuilt"
         time.sleep(0.2)
     assert ray.get(dep.routers[0].status.remote())["rdt_rebuilds"] > before
+
+
+def test_a_group_that_stops_answering_under_rdt_traffic_takes_no_other_with_it(ray_local) -> None:
+    """SIGSTOP one of 3 groups sharing the GPU while RDT (CUDA IPC) batches flow, 2 copies of every expert,
+    no supervisor: its batches are given up once it misses its pings and planned again on the other
+    copies; every request answers, exact, and the other groups stay alive (Ray would kill both ends of a
+    failed CUDA IPC transfer). Continued, it serves again, and RDT is built again with it."""
+    import concurrent.futures as cf
+    import os
+    import signal
+    import time
+
+    spec = dict(hidden_size=64, intermediate_size=96, num_experts=8, num_layers=2, moe_layers=[0, 1],
+                routing=dict(policy="topk_softmax", top_k=2, normalize_topk=True))
+    dep = deploy({"model": {"random": spec, "seed": 5}, "gateway": {"port": 0},
+                  "deployment": {"name": "gpustop", "expert_groups": GROUPS, "group_gpus": 0.3, "device": "cuda",
+                                 "transport": "rdt", "replicas": 2, "supervisor": False}})
+    ref = LocalMoE.from_config(spec, seed=5)
+    pid = int(ray.get(dep.groups[1].info.remote(), timeout=30)["pid"])
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(1 + i % 30, 64, generator=gen) for i in range(160)]
+
+    def client(k: int) -> int:
+        for i in range(k, len(xs), 8):
+            got = dep.result(dep.submit(xs[i], i % 2), xs[i], timeout=120)
+            assert _rel(got, ref.forward(xs[i], i % 2)) < 1e-5
+        return len(range(k, len(xs), 8))
+
+    def status() -> dict:
+        return ray.get(dep.routers[0].status.remote(), timeout=30)
+
+    def until(predicate, what: str, bound_s: float = 60) -> None:
+        deadline = time.monotonic() + bound_s
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    try:
+        assert status()["rdt_routes"] == ["cuda_ipc"] * GROUPS
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, k) for k in range(8)]
+            until(lambda: status()["counters"]["requests"] >= 20, "no traffic flowed")
+            os.kill(pid, signal.SIGSTOP)
+            assert sum(f.result() for f in futures) == len(xs)
+        assert 1 in status()["dead"], status()
+        assert all(ray.get([g.ping.remote() for i, g in enumerate(dep.groups) if i != 1], timeout=30))
+        os.kill(pid, signal.SIGCONT)
+        until(lambda: status()["dead"] == [] and status()["rdt_ready"], "the continued group never served RDT again")
+        for i in range(20):
+            x = torch.randn(1 + i, 64, generator=gen)
+            out = dep.forward_output(x, i % 2)
+            assert out.transport == "rdt" and _rel(torch.from_numpy(np.array(out.hidden_states)), ref.forward(x, i % 2)) < 1e-5
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        dep.shutdown()
