@@ -190,7 +190,8 @@ class RdtTransport(Transport):
             await asyncio.gather(self._tearing, return_exceptions=True)  # never build beside a teardown
             self._tearing = None
         worker = None
-        members = list(self.groups)
+        built_for = self.groups  # the table's list: a new table replaces it (update_table), never edits it
+        members = list(built_for)
         silent = [i for i, a in enumerate(await ping_answers(members, MEMBER_PING_S)) if a is not True]
         if silent:  # nothing built, nothing to reset; try again after the rebuild delay
             log.info("collective group (%s) not rebuilt: expert groups %s did not answer a ping within %s s",
@@ -223,6 +224,11 @@ class RdtTransport(Transport):
                 loop = asyncio.get_running_loop()
                 # NOTE: create_collective_group blocks on its members; keep it off the event loop.
                 group = await loop.run_in_executor(None, lambda: create_collective_group([worker, *collective_members], backend=backend))
+            if self.groups is not built_for:  # a new table arrived during the build: these are not its groups
+                log.info("RDT built for a replaced group list; building again for the new one")
+                self._broken_since, self._retry_s = time.monotonic(), REBUILD_DELAY_S
+                await self._teardown(group, worker, collective_members)
+                return
             self.worker, self.group, self._members, self.routes = worker, group, collective_members, routes
             self._broken_since, self._retry_s, self.unrouted = None, REBUILD_DELAY_S, None
             self.rebuilds += 1

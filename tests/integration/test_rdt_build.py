@@ -1,4 +1,5 @@
-"""Where the router's RDT peer goes on CUDA, on a Ray that counts GPUs it does not have.
+"""Building RDT: where the router's RDT peer goes on CUDA, on a Ray that counts GPUs it does not have,
+and a build that a new routing table overtakes.
 
 Ray hands out GPU ids as a resource (`ray.init(num_gpus=...)`); expert groups hold their share and
 report the ids, while computing on the CPU here. So the placement half of RDT on CUDA runs for real:
@@ -9,6 +10,7 @@ from where Ray put everyone. Moving tensors over CUDA IPC needs the device (test
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import ray
@@ -17,7 +19,7 @@ from cluster.deploy import group_gpu_request
 from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec
-from router_svc.transports.rdt import RdtTransport
+from router_svc.transports.rdt import REBUILD_DELAY_S, RdtTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEC = MoESpec.from_dict(dict(hidden_size=16, intermediate_size=8, num_experts=4, num_layers=1, moe_layers=[0],
@@ -73,6 +75,36 @@ def test_groups_that_take_the_whole_gpu_leave_the_peer_no_room(ray_one_gpu) -> N
     try:
         ready, routes, unrouted = _build(groups)
         assert not ready and routes is None and "did not place the router's RDT peer within 5 s" in (unrouted or "")
+    finally:
+        for g in groups:
+            ray.kill(g)
+
+
+def test_a_build_overtaken_by_a_new_table_is_not_used(ray_one_gpu) -> None:
+    """A table adopted while RDT is being built (the router hands the transports a new group list) makes
+    that build stale: it is torn down (its peer killed) and built again for the new list shortly, never
+    used with routes indexed for the old one."""
+    groups = _groups(2, 0)
+
+    async def go() -> tuple[bool, float, bool, bool]:
+        t = RdtTransport(groups, [""] * 2, "cpu", worker_name="stale-rdt", namespace="moe-serve", place_s=10.0)
+        build = asyncio.get_running_loop().create_task(t._build())
+        await asyncio.sleep(0)  # the build has taken its group list and is pinging them
+        t.groups = list(groups)  # what Router.update_table does
+        await build
+        ready, retry_s, no_worker = t.ready, t._retry_s, t.worker is None
+        await t.start()  # the next build, for the list in use
+        fresh = t.ready and t.routes == ["gloo", "gloo"]
+        await t.close()
+        return ready, retry_s, no_worker, fresh
+
+    try:
+        ready, retry_s, no_worker, fresh = asyncio.run(go())
+        assert not ready and retry_s == REBUILD_DELAY_S and no_worker and fresh
+        deadline = time.monotonic() + 20
+        while "stale-rdt-0" in [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]:  # its peer was killed
+            assert time.monotonic() < deadline, "the stale build's RDT peer was left running"
+            time.sleep(0.2)
     finally:
         for g in groups:
             ray.kill(g)
