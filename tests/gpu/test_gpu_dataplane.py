@@ -25,6 +25,9 @@ FAMILIES = {
 }
 MODES = ("rdt", "object_store", "grpc", "auto")
 GROUPS = 3
+# each group's share of the one GPU: two deployments of 3 fit at once (a module fixture's lives until
+# the module ends, beside the SIGSTOP test's own)
+GROUP_GPUS = 0.15
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,7 +40,7 @@ def gpu_deployment(request, ray_local, tmp_path_factory):
     make, shared = FAMILIES[request.param]
     path = hf.save(hf.randomise_moe(make(), seed=7), tmp_path_factory.mktemp("ckpt") / request.param)
     dep = deploy({"model": {"path": path}, "gateway": {"port": 0},
-                  "deployment": {"name": "gpu", "expert_groups": GROUPS, "group_gpus": 0.3, "device": "cuda", "transport": "rdt",
+                  "deployment": {"name": "gpu", "expert_groups": GROUPS, "group_gpus": GROUP_GPUS, "device": "cuda", "transport": "rdt",
                                  "shared_experts": shared, "batch_max_wait_us": 200}})
     yield request.param, dep, LocalMoE.from_pretrained(path)
     dep.shutdown()
@@ -118,7 +121,7 @@ def test_a_group_that_stops_answering_under_rdt_traffic_takes_no_other_with_it(r
     spec = dict(hidden_size=64, intermediate_size=96, num_experts=8, num_layers=2, moe_layers=[0, 1],
                 routing=dict(policy="topk_softmax", top_k=2, normalize_topk=True))
     dep = deploy({"model": {"random": spec, "seed": 5}, "gateway": {"port": 0},
-                  "deployment": {"name": "gpustop", "expert_groups": GROUPS, "group_gpus": 0.3, "device": "cuda",
+                  "deployment": {"name": "gpustop", "expert_groups": GROUPS, "group_gpus": GROUP_GPUS, "device": "cuda",
                                  "transport": "rdt", "replicas": 2, "supervisor": False}})
     ref = LocalMoE.from_config(spec, seed=5)
     pid = int(ray.get(dep.groups[1].info.remote(), timeout=30)["pid"])

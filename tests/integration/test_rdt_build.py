@@ -19,7 +19,7 @@ from cluster.deploy import group_gpu_request
 from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec
-from router_svc.transports.rdt import REBUILD_DELAY_S, RdtTransport
+from router_svc.transports.rdt import PEER_GPUS, REBUILD_DELAY_S, UNROUTED_RETRY_S, RdtTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEC = MoESpec.from_dict(dict(hidden_size=16, intermediate_size=8, num_experts=4, num_layers=1, moe_layers=[0],
@@ -41,6 +41,13 @@ def _groups(n: int, num_gpus: float) -> list:
     groups = [cls.options(num_cpus=0.5, num_gpus=num_gpus).remote(f"share-{i}", SourceSpec(random=SPEC), []) for i in range(n)]
     ray.get([g.info.remote() for g in groups], timeout=60)
     return groups
+
+
+def _until_gone(actor: str, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while actor in [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
 
 
 def _build(groups: list) -> tuple[bool, list[str] | None, str | None]:
@@ -70,11 +77,25 @@ def test_the_peer_finds_room_beside_groups_that_asked_for_their_share(ray_one_gp
 
 def test_groups_that_take_the_whole_gpu_leave_the_peer_no_room(ray_one_gpu) -> None:
     """The same build beside a group holding the whole GPU (as deploy asked before it left the share):
-    RDT is unavailable after place_s, with the reason, instead of waiting for ever."""
+    the build gives up after place_s with the reason, removes the pending peer and does not try again
+    at once; the router's start and set_transport never wait on it for ever."""
     groups = _groups(1, 1.0)
+
+    async def go() -> tuple[RdtTransport, float, bool, bool]:
+        t = RdtTransport(groups, [""], "cuda", worker_name="unplaced-rdt", namespace="moe-serve", place_s=3.0)
+        t0 = time.monotonic()
+        await t.start()
+        took = time.monotonic() - t0
+        again = t.available()  # not built again at once: the next try waits UNROUTED_RETRY_S
+        return t, took, again, t._building is None
+
     try:
-        ready, routes, unrouted = _build(groups)
-        assert not ready and routes is None and "did not place the router's RDT peer within 5 s" in (unrouted or "")
+        t, took, again, no_retry = asyncio.run(go())
+        assert not t.ready and t.routes is None and not again and no_retry and t._retry_s == UNROUTED_RETRY_S
+        assert 3.0 <= took < 20, took
+        assert t.unrouted == (f"Ray did not place the router's RDT peer within 3 s (it needs {PEER_GPUS} of a GPU: "
+                              "leave that share free beside the expert groups)")
+        _until_gone("unplaced-rdt-0", "the pending RDT peer was left waiting for a GPU")
     finally:
         for g in groups:
             ray.kill(g)
@@ -101,10 +122,7 @@ def test_a_build_overtaken_by_a_new_table_is_not_used(ray_one_gpu) -> None:
     try:
         ready, retry_s, no_worker, fresh = asyncio.run(go())
         assert not ready and retry_s == REBUILD_DELAY_S and no_worker and fresh
-        deadline = time.monotonic() + 20
-        while "stale-rdt-0" in [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]:  # its peer was killed
-            assert time.monotonic() < deadline, "the stale build's RDT peer was left running"
-            time.sleep(0.2)
+        _until_gone("stale-rdt-0", "the stale build's RDT peer was left running")
     finally:
         for g in groups:
             ray.kill(g)
