@@ -159,10 +159,11 @@ def status_tables(d: dict) -> list:
         title = (f"deployment {d['name']}  model {r['model']}  routing table v{r['routing_table_version']}  "
                  f"gateways {', '.join(d['gateways']) or '-'}")
         routers = Table(title=title, title_justify="left")
-        for col in ("router", "gateway", "transports", "requests", "batches"):
+        for col in ("router", "gateway", "transports", "requests", "batches", "rdt"):
             routers.add_column(col, justify="right" if col in ("requests", "batches") else "left")
         for rr in r["routers"]:
-            routers.add_row(rr["name"], rr["address"], " > ".join(rr["transports"]), str(rr["requests"]), str(rr["batches"]))
+            routers.add_row(rr["name"], rr["address"], " > ".join(rr["transports"]), str(rr["requests"]), str(rr["batches"]),
+                            rr.get("rdt", ""))
         groups = Table(title="expert groups", title_justify="left")
         for col in ("group", "node", "alive", "device", "slots", "tok/s", "scaled"):
             groups.add_column(col, justify="right" if col in ("slots", "tok/s") else "left")

@@ -166,6 +166,15 @@ async def probe_groups(names: Sequence[str], handles: Mapping[str, Any],
 
 # -- the Status RPC --------------------------------------------------------------------------------
 
+def _rdt_state(router: Any) -> str:
+    """A router's RDT as the Status RPC reports it (see RouterStatus.rdt in the proto)."""
+    if not router.config.rdt_owner:
+        return ""
+    if "rdt" not in router.chain:
+        return "not used"
+    return router.transports["rdt"].describe()
+
+
 async def service_status(router: Any) -> dict[str, Any]:
     """What a router's gateway reports: experts (copies, where, load), groups (node, device,
     liveness, load), routers and the supervisor's recent events. Placement and load are the
@@ -192,7 +201,8 @@ async def service_status(router: Any) -> dict[str, Any]:
                        "device": "" if info is None else info["device"], "slots": len(slots),
                        "scaled": False, "tokens_per_s": 0.0})
     routers = [{"name": router.name, "address": router.gateway_address() or "", "transports": list(router.chain),
-                "requests": router.counters["requests"], "batches": router.counters["batches"]}]
+                "requests": router.counters["requests"], "batches": router.counters["batches"],
+                "rdt": _rdt_state(router)}]
     own = {"model": spec.family, "routing_table_version": table.version, "experts": experts,
            "groups": groups, "routers": routers, "events": [], "supervisor_alive": False, "supervisor_restarts": 0}
     if supervisor is None:

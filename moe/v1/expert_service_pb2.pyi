@@ -125,18 +125,20 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterStatus(_message.Message):
-    __slots__ = ("name", "address", "transports", "requests", "batches")
+    __slots__ = ("name", "address", "transports", "requests", "batches", "rdt")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
+    RDT_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     transports: _containers.RepeatedScalarFieldContainer[str]
     requests: int
     batches: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ...) -> None: ...
+    rdt: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., requests: _Optional[int] = ..., batches: _Optional[int] = ..., rdt: _Optional[str] = ...) -> None: ...
 
 class ControlEvent(_message.Message):
     __slots__ = ("kind", "at_unix", "version", "detail", "recovery_s")

@@ -172,6 +172,12 @@ class RdtTransport(Transport):
     def ready(self) -> bool:
         return self.routes is not None
 
+    def describe(self) -> str:
+        """For status: "ready: <backend to each group>", "unavailable: <why>", or "not built"."""
+        if self.routes is not None:
+            return "ready: " + ", ".join(self.routes)
+        return f"unavailable: {self.unrouted}" if self.unrouted else "not built"
+
     def available(self) -> bool:
         if self.routes is not None:
             return True

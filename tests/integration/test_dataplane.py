@@ -97,6 +97,16 @@ def test_routing_report_matches_local(family_deployment) -> None:
     assert report.stats.tokens_per_expert == ref_report.stats.tokens_per_expert
 
 
+def test_status_rpc_reports_the_rdt_route_to_every_group(family_deployment) -> None:
+    from router_svc.client import MoEClient
+
+    family, dep, ref = family_deployment
+    ray.get(dep.routers[0].set_transport.remote("rdt"))
+    with MoEClient(dep.gateway_addresses) as client:
+        (router,) = client.status().routers
+    assert router.transports[0] == "rdt" and router.rdt == "ready: gloo, gloo, gloo", router
+
+
 def test_bad_requests_fail_clearly_and_the_router_keeps_serving(family_deployment) -> None:
     family, dep, ref = family_deployment
     d = dep.spec.hidden_size

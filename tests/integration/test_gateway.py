@@ -508,6 +508,8 @@ def test_status_rpc_reports_experts_groups_and_router(gw, ref) -> None:
             assert mine[0].name in names
             assert mine[0].requests >= 1 and mine[0].batches >= 1
             assert set(mine[0].transports) <= {"rdt", "object_store", "grpc"} and mine[0].transports
+            # router 0 owns the deployment's RDT, unused under transport object_store; the other router none
+            assert mine[0].rdt == ("not used" if mine[0].name.endswith("-router-0") else ""), mine[0]
     with MoEClient(gw.gateway_addresses, token=TOKEN) as c:
         assert c.status().model == "random"
 
