@@ -376,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from cluster import deploy
+    from cluster.deploy import start_local_ray
     from router_svc import LocalMoE
 
     torch.set_grad_enabled(False)
@@ -387,9 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_distribution(result["traffic"])
     tally = Tally()
     deps: dict[str, Any] = {}
-    # NOTE: address="local" starts a fresh instance even where other Ray instances run on this machine
-    # (without it, ray.init joins the latest one and refuses num_cpus).
-    ray.init(address="local", num_cpus=8, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    # NOTE: a fresh instance even where other Ray instances run on this machine, on 127.0.0.1 only
+    start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False)
     result["node_ip"] = ray.util.get_node_ip_address()
     try:
         t0 = time.perf_counter()

@@ -50,9 +50,28 @@ def _ensure_ray(address: str | None, cpus_needed: float) -> bool:
         ray.init(address=address, namespace=NAMESPACE)
         return False
     cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-    # NOTE: address="local" always starts a fresh instance, whatever RAY_ADDRESS says ("local" included).
-    ray.init(address="local", namespace=NAMESPACE, num_cpus=cpus, include_dashboard=False)
+    start_local_ray(namespace=NAMESPACE, num_cpus=cpus, include_dashboard=False)
     return True
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a fresh embedded Ray on this machine with every server of it on 127.0.0.1.
+
+    NOTE: Ray turns `_node_ip_address="127.0.0.1"` back into the machine's routable address, and its
+    servers then listen on every interface, unless told this is a one-machine cluster: the switch it
+    uses on macOS and Windows (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read into a constant at import).
+    The constant is switched only while Ray starts. address="local" always starts a fresh instance,
+    whatever RAY_ADDRESS says ("local" included). A second driver joins it by address only with that
+    variable set to 0 in its environment.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 PLACE_TIMEOUT_S = 300.0

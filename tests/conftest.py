@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import ray
 
+from cluster.deploy import start_local_ray
+
 
 @pytest.fixture(scope="module")
 def ray_local():
     if ray.is_initialized():
         ray.shutdown()
-    # NOTE: address="local": always a fresh instance, never a cluster another test or process left running.
-    ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="moe-serve-tests", _node_ip_address="127.0.0.1")
+    # NOTE: always a fresh instance (never a cluster another test or process left running), every server
+    # of it on 127.0.0.1.
+    start_local_ray(num_cpus=16, include_dashboard=False, namespace="moe-serve-tests")
     yield
     ray.shutdown()

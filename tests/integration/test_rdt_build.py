@@ -15,7 +15,7 @@ import time
 import pytest
 import ray
 
-from cluster.deploy import group_gpu_request
+from cluster.deploy import group_gpu_request, start_local_ray
 from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec
@@ -30,8 +30,7 @@ SPEC = MoESpec.from_dict(dict(hidden_size=16, intermediate_size=8, num_experts=4
 def ray_one_gpu():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, namespace="moe-serve-tests",
-             _node_ip_address="127.0.0.1")
+    start_local_ray(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="moe-serve-tests")
     yield
     ray.shutdown()
 
