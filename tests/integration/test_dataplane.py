@@ -221,6 +221,31 @@ def test_rdt_falls_back_then_rebuilds_its_collective_group(ray_local, random_spe
         dep.shutdown()
 
 
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) of the sockets listening on `port`."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    out.append(address)
+    return out
+
+
+def test_the_tests_ray_serves_on_loopback_only(ray_local) -> None:
+    """Every node says 127.0.0.1 and the GCS listens on loopback alone (Ray would otherwise swap the
+    address for the machine's routable one and listen on every interface; cluster.deploy.start_local_ray)."""
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+    host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    listening = _listening(int(port))
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    assert listening and set(listening) <= loopback, listening
+
+
 def test_shutdown_leaves_no_actors(ray_local, random_spec) -> None:
     dep = deploy({"model": {"random": random_spec}, "gateway": {"port": 0}, "deployment": {"name": "bye", "expert_groups": 3, "routers": 2, "transport": "rdt"}})
     assert dep.forward(torch.randn(3, 48), 0).shape == (3, 48)
