@@ -67,9 +67,6 @@ import time
 import warnings
 from typing import Any
 
-# NOTE: makes Ray's node IP the loopback address (127.0.0.1) instead of the first interface's;
-# `ray.init(_node_ip_address="127.0.0.1")` alone is turned back into that interface's address by Ray.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # NOTE: the deployment's CPU groups keep their weights in transparent huge pages (deployment.huge_pages,
 # on by default). Set here, before torch loads, it holds for every engine alike: LocalMoE in this
 # process and every Ray worker started from it (naive actors, Serve replicas, the router).
@@ -306,6 +303,8 @@ def _alone(args: argparse.Namespace, path: str, moe: Any, inputs: list[torch.Ten
 def run(args: argparse.Namespace) -> dict:
     import ray
 
+    from cluster.deploy import start_local_ray
+
     torch.set_grad_enabled(False)
     gen = torch.Generator().manual_seed(1)
     x_large = torch.randn(LARGE, HIDDEN, generator=gen)
@@ -319,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:
         del model
         # the reference stays LocalMoE on the CPU in float32; the `local_moe` engine runs on the benchmark's device
         local = moe if args.device == "cpu" else type(moe).from_pretrained(tmp, device=args.device)
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False)  # every server on 127.0.0.1
         result["node_ip"] = ray.util.get_node_ip_address()
         try:
             t0 = time.perf_counter()

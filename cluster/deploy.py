@@ -7,13 +7,14 @@ is running. Actors live in the namespace `moe-serve`, named `<name>-group-<i>` a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import time
 import uuid
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import ray
@@ -54,24 +55,32 @@ def _ensure_ray(address: str | None, cpus_needed: float) -> bool:
     return True
 
 
-def start_local_ray(**init_kwargs: Any) -> None:
-    """Start a fresh embedded Ray on this machine with every server of it on 127.0.0.1.
+@contextlib.contextmanager
+def one_machine_ray() -> Iterator[None]:
+    """Within it, Ray starts nodes and connects drivers as a one-machine cluster, so 127.0.0.1 stays
+    127.0.0.1.
 
-    NOTE: Ray turns `_node_ip_address="127.0.0.1"` back into the machine's routable address, and its
-    servers then listen on every interface, unless told this is a one-machine cluster: the switch it
-    uses on macOS and Windows (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read into a constant at import).
-    The constant is switched only while Ray starts. address="local" always starts a fresh instance,
-    whatever RAY_ADDRESS says ("local" included). A second driver joins it by address only with that
-    variable set to 0 in its environment.
+    NOTE: otherwise Ray turns a node address of 127.0.0.1 (`_node_ip_address`, `node_ip_address`) back
+    into the machine's routable address, and its servers listen on every interface; a driver
+    connecting by a loopback address is sent to the routable one. The switch is the one Ray uses on
+    macOS and Windows (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read into a constant at import); a
+    driver in another process joins by address only with that variable set to 0.
     """
     import ray._private.ray_constants as ray_constants
 
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a fresh embedded Ray on this machine with every server of it on 127.0.0.1 (address="local"
+    always starts a fresh instance, whatever RAY_ADDRESS says, "local" included)."""
+    with one_machine_ray():
+        ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
 
 
 PLACE_TIMEOUT_S = 300.0

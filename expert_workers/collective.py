@@ -40,3 +40,10 @@ def reset() -> bool:
         dist.destroy_process_group()
         return True
     return False
+
+
+def gpu_ids() -> list[str]:
+    """The GPU ids Ray gave this process, as strings: how RDT compares where its peers are."""
+    import ray
+
+    return [str(i) for i in ray.get_gpu_ids()]

@@ -252,7 +252,7 @@ class ExpertGroup:
             "slots": [list(s) for s in self.core.slots],
             "grpc_address": self.grpc_address,
             "threads": torch.get_num_threads(),
-            "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+            "gpu_ids": collective.gpu_ids(),
             **huge_pages(),
         }
 

@@ -110,11 +110,6 @@ def rdt_routes(worker_at: tuple[str, tuple[str, ...]], members_at: Sequence[tupl
     return routes
 
 
-def where() -> dict[str, Any]:
-    """This process's node id and the GPU ids Ray gave it (as strings)."""
-    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
-
-
 class DispatchWorker:
     """The router's RDT peer: cuts the batch into per-group tensors, gathers outputs."""
 
@@ -123,7 +118,8 @@ class DispatchWorker:
         collective.bound_waits()
 
     def where(self) -> dict[str, Any]:
-        return where()
+        """Its node id and Ray GPU ids (as an expert group's `info()` gives them)."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": collective.gpu_ids()}
 
     @ray.method(tensor_transport="gloo")
     def take_gloo(self, x: np.ndarray, dtype: str, start: int, end: int) -> torch.Tensor:

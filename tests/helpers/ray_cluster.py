@@ -11,31 +11,31 @@ from typing import Iterator
 
 import pytest
 import ray
-import ray._private.ray_constants as ray_constants
 from ray.cluster_utils import Cluster
+
+from cluster.deploy import one_machine_ray
 
 
 @contextlib.contextmanager
 def local_cluster(workers: int = 3, cpus_per_worker: float = 3, namespace: str = "moe-serve-tests") -> Iterator[tuple[Cluster, list]]:
     if ray.is_initialized():
         ray.shutdown()
-    # NOTE: with node_ip_address=127.0.0.1 the GCS listens on loopback only, but a driver connecting by
-    # address swaps a loopback host for the machine's routable IP unless Ray is told this is a
-    # one-machine cluster (the switch Ray itself uses on macOS and Windows).
+    # NOTE: held for the whole cluster's life: nodes started later (add_node) and the driver's connection
+    # by address keep 127.0.0.1 only inside it.
     patch = pytest.MonkeyPatch()
-    patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     patch.delenv("RAY_ADDRESS", raising=False)
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    try:
-        nodes = [cluster.add_node(num_cpus=cpus_per_worker, node_ip_address="127.0.0.1") for _ in range(workers)]
-        ray.init(address=cluster.address, namespace=namespace)
-        cluster.wait_for_nodes()
-        yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        patch.undo()
+    with one_machine_ray():
+        cluster = Cluster(initialize_head=True, connect=False,
+                          head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+        try:
+            nodes = [cluster.add_node(num_cpus=cpus_per_worker, node_ip_address="127.0.0.1") for _ in range(workers)]
+            ray.init(address=cluster.address, namespace=namespace)
+            cluster.wait_for_nodes()
+            yield cluster, nodes
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            patch.undo()
 
 
 def remove_node_by_id(cluster: Cluster, nodes: list, node_id: str) -> None:
