@@ -27,6 +27,8 @@ from expert_workers.weights import ExpertWeights, RouterWeights, SharedWeights
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors dtype names of the weights moe-serve reads as they are.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
 class HFCheckpoint:
@@ -55,7 +57,15 @@ class HFCheckpoint:
         if not isinstance(cfg, dict):
             raise CheckpointError(path=self.path, problem="config.json is not a JSON object")
         # NOTE: multimodal wrappers nest the language model's config.
-        return cfg.get("text_config", cfg) if "model_type" not in cfg else cfg
+        cfg = cfg.get("text_config", cfg) if "model_type" not in cfg else cfg
+        quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        if quant:
+            # NOTE: quantized weights need their scales applied (DeepSeek-V3's fp8 blocks and
+            # weight_scale_inv); read as plain tensors they would give wrong numbers, silently.
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise CheckpointError(path=self.path, problem=f"quantized checkpoints are not supported (quantization_config, quant_method={method!r}); "
+                                                          "dequantize it to bfloat16, float16 or float32 first")
+        return cfg
 
     def _index(self) -> dict[str, str]:
         """tensor name -> file name, from the index json or by listing the files' headers."""
@@ -93,7 +103,11 @@ class HFCheckpoint:
     def _slice(self, key: str) -> Any:
         if key not in self._file_of:
             raise CheckpointError(path=self.path, problem=f"missing tensor '{key}'")
-        return self._open(self._file_of[key]).get_slice(key)
+        sl = self._open(self._file_of[key]).get_slice(key)
+        if sl.get_dtype() not in FLOAT_DTYPES:
+            raise CheckpointError(path=self.path, problem=f"tensor '{key}' is {sl.get_dtype()}; expected one of {sorted(FLOAT_DTYPES)} "
+                                                          "(quantized weights must be dequantized first)")
+        return sl
 
     def _tensor(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         sl = self._slice(key)

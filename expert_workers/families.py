@@ -94,7 +94,8 @@ def _mixtral(cfg: Mapping[str, Any], where: str) -> MoESpec:
         num_layers=n,
         moe_layers=tuple(range(n)),
         activation=_activation(cfg, where),
-        routing=RoutingSpec(policy="softmax_topk", top_k=_get(cfg, "num_experts_per_tok", where)),
+        routing=RoutingSpec(policy="softmax_topk", top_k=_get(cfg, "num_experts_per_tok", where),
+                            logits_dtype="compute", weights_dtype="float32"),
     )
 
 
@@ -107,7 +108,8 @@ def _qwen_like(family: str, shared: bool) -> Callable[[Mapping[str, Any], str], 
         layers = tuple(i for i in range(n) if i not in dense and num_experts > 0 and (i + 1) % step == 0)
         shared_spec = SharedExpertSpec()
         if shared:
-            width = _get(cfg, "shared_expert_intermediate_size", where, 0)
+            # NOTE: transformers' default when config.json omits it; Qwen2-MoE always has the shared expert.
+            width = _get(cfg, "shared_expert_intermediate_size", where, 5632)
             shared_spec = SharedExpertSpec(count=1 if width else 0, intermediate_size=width, sigmoid_gate=bool(width))
         return _build(
             where,
@@ -122,6 +124,8 @@ def _qwen_like(family: str, shared: bool) -> Callable[[Mapping[str, Any], str], 
                 policy="topk_softmax",
                 top_k=_get(cfg, "num_experts_per_tok", where),
                 normalize_topk=bool(_get(cfg, "norm_topk_prob", where, False)),
+                logits_dtype="compute",
+                weights_dtype="compute",
             ),
             shared_experts=shared_spec,
         )
@@ -144,6 +148,8 @@ def _olmoe(cfg: Mapping[str, Any], where: str) -> MoESpec:
             policy="topk_softmax",
             top_k=_get(cfg, "num_experts_per_tok", where),
             normalize_topk=bool(_get(cfg, "norm_topk_prob", where, False)),
+            logits_dtype="compute",
+            weights_dtype="compute",
         ),
     )
 
@@ -153,7 +159,11 @@ def _deepseek_v3(cfg: Mapping[str, Any], where: str) -> MoESpec:
     first_moe = _get(cfg, "first_k_dense_replace", where, 3)
     width = _get(cfg, "moe_intermediate_size", where)
     n_shared = _get(cfg, "n_shared_experts", where, 1)
+    # NOTE: transformers' DeepSeek-V3 always scores with sigmoid and never reads `scoring_func`; a
+    # config.json that names another would be served unlike the reference, so it is refused.
     score = _get(cfg, "scoring_func", where, "sigmoid")
+    if score != "sigmoid":
+        raise CheckpointError(path=where, problem=f"deepseek_v3 routes with sigmoid scores (as transformers does); config.json says scoring_func={score!r}")
     return _build(
         where,
         family="deepseek_v3",
@@ -172,6 +182,8 @@ def _deepseek_v3(cfg: Mapping[str, Any], where: str) -> MoESpec:
             topk_groups=_get(cfg, "topk_group", where, 4),
             score_function=score,
             correction_bias=True,
+            logits_dtype="float32",
+            weights_dtype="float32",
         ),
         shared_experts=SharedExpertSpec(count=n_shared, intermediate_size=width),
     )

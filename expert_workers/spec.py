@@ -26,6 +26,7 @@ ROUTING_POLICIES = (
 )
 OVERFLOW_POLICIES = ("drop", "reroute", "dropless")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+ARITHMETIC_DTYPES = ("compute", "float32")
 # NOTE: names as Hugging Face configs spell `hidden_act`, plus the usual GLU names.
 # A gated FFN computes act(x W_gate) * (x W_up); an ungated one act(x W_in).
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -76,6 +77,12 @@ class RoutingSpec:
     noisy: bool = False
     noise_std: float = 1.0
     noise_seed: int | None = None
+    # the dtype the router logits are computed in: "compute" (the experts' dtype: Mixtral, Qwen-MoE,
+    # OLMoE) or "float32" (DeepSeek-V3); the gate itself always runs in float32 from those logits.
+    logits_dtype: str = "float32"
+    # the dtype each expert output is multiplied by its weight in: "compute" (the weight rounded to the
+    # experts' dtype first: Qwen-MoE, OLMoE) or "float32" (Mixtral, DeepSeek-V3); equal in float32.
+    weights_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         p = "routing."
@@ -108,6 +115,8 @@ class RoutingSpec:
         _require(_is_num(self.noise_std) and self.noise_std >= 0, p + "noise_std", self.noise_std, "a finite number >= 0")
         if self.noise_seed is not None:
             _require(_is_int(self.noise_seed), p + "noise_seed", self.noise_seed, "an integer or null")
+        _require(self.logits_dtype in ARITHMETIC_DTYPES, p + "logits_dtype", self.logits_dtype, f"one of {ARITHMETIC_DTYPES}")
+        _require(self.weights_dtype in ARITHMETIC_DTYPES, p + "weights_dtype", self.weights_dtype, f"one of {ARITHMETIC_DTYPES}")
 
 
 @dataclass(frozen=True, kw_only=True)

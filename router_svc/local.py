@@ -22,7 +22,7 @@ from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RandomWeights, RouterWeights, SharedWeights, WeightSource
 from router_svc import admission
 from router_svc.dispatch import combine, gather_rows, plan_by_expert
-from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
+from router_svc.gate import Assignments, GateInput, RoutingStats, route, router_logits, routing_stats
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,7 @@ class LocalMoE:
     def _forward_tokens(
         self, x_TD: torch.Tensor, lw: _Layer, ids_T: torch.Tensor | None
     ) -> tuple[torch.Tensor, Assignments]:
-        # NOTE: routing runs in float32 whatever the compute dtype, as the reference models do.
-        logits_TE = F.linear(x_TD.float(), lw.router.weight.to(device=x_TD.device, dtype=torch.float32))
+        logits_TE = router_logits(x_TD, lw.router.weight.to(x_TD.device), self.spec.routing)
         bias = lw.router.correction_bias
         assignments = route(
             GateInput(
@@ -163,7 +162,7 @@ class LocalMoE:
         )
         plan = plan_by_expert(assignments, self.spec.num_experts)
         y_ND = lw.experts.forward(gather_rows(x_TD, plan), plan.counts_E)
-        out_TD = combine(y_ND, plan, x_TD.shape[0])
+        out_TD = combine(y_ND, plan, x_TD.shape[0], self.spec.routing.weights_dtype)
         if lw.shared is not None:
             out_TD += lw.shared.forward(x_TD)
         return out_TD, assignments

@@ -31,8 +31,8 @@ from expert_workers.weights import RouterWeights
 from router_svc import admission
 from router_svc.batching import Batcher, Pending
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import plan_rows, reroute_lost, split_copies
-from router_svc.gate import Assignments, GateInput, RoutingStats, route, routing_stats
+from router_svc.dispatch import plan_rows, reroute_lost, split_copies, weigh
+from router_svc.gate import Assignments, GateInput, RoutingStats, route, router_logits, routing_stats
 from router_svc.local import SharedExperts
 from router_svc.table import RoutingTable, layer_orders
 from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, make_tracer
@@ -413,7 +413,7 @@ class Router:
                     if not self._planned[version]:
                         del self._planned[version]
             t_dispatched = time.perf_counter()
-            out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, y_ND * plan.weight_N.to(y_ND.dtype)[:, None])
+            out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, weigh(y_ND, plan.weight_N, self.spec.routing.weights_dtype))
             if layer in self.shared:
                 out_TD += self.shared[layer].forward(x_all)
             self.counters["batches"] += 1
@@ -465,7 +465,7 @@ class Router:
 
     def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
         gate = self.gates[layer]
-        logits = F.linear(x_TD.float(), gate.weight.float())
+        logits = router_logits(x_TD, gate.weight, self.spec.routing)
         return route(GateInput(logits_TE=logits, correction_bias_E=gate.correction_bias, token_ids_T=ids), self.spec.routing)
 
     def _plan(self, layer: int, assignments: list[Assignments], x_all: torch.Tensor, request_ids: Sequence[str] = ()):
@@ -481,7 +481,8 @@ class Router:
         if self.config.shared_experts == "slot" and self.spec.shared_experts.count:
             all_tokens = torch.arange(total)
             gate = self.shared_gates.get(layer)
-            w = torch.ones(total) if gate is None else torch.sigmoid(F.linear(x_all.float(), gate)).squeeze(-1)
+            # NOTE: the gate as SharedExperts runs it (in the compute dtype), so both placements agree.
+            w = torch.ones(total) if gate is None else torch.sigmoid(F.linear(x_all, gate.to(x_all.dtype))).squeeze(-1)
             tokens.append(all_tokens)
             experts.append(torch.full((total,), self.spec.num_experts, dtype=torch.int64))
             weights.append(w)

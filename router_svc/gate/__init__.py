@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from expert_workers.spec import RoutingSpec
 from router_svc.gate.capacity import apply_capacity, capacity_for
@@ -11,8 +12,17 @@ from router_svc.gate.stats import RoutingStats, routing_stats
 
 __all__ = [
     "POLICIES", "Assignments", "GateDecision", "GateInput", "RoutingStats",
-    "apply_capacity", "capacity_for", "route", "routing_stats",
+    "apply_capacity", "capacity_for", "route", "router_logits", "routing_stats",
 ]
+
+
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """(T, D) hidden states -> (T, E) float32 logits, computed in the dtype the family's reference
+    computes them in (`spec.logits_dtype`): in half precision that decides which experts a token
+    gets near a tie, so it follows the reference, not the more precise choice."""
+    if spec.logits_dtype == "compute":
+        return F.linear(x_TD, weight_ED.to(x_TD.dtype)).float()
+    return F.linear(x_TD.float(), weight_ED.float())
 
 
 def route(inp: GateInput, spec: RoutingSpec) -> Assignments:

@@ -19,19 +19,18 @@ as in GShard. Assignments past an expert's capacity overflow:
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from expert_workers.spec import RoutingSpec
-from router_svc.gate.policies import Assignments, GateDecision
+from router_svc.gate.policies import Assignments, GateDecision, ceil_capacity
 
 
 def capacity_for(tokens: int, spec: RoutingSpec, num_experts: int) -> int | None:
     """Assignments each expert may take for a request of `tokens` tokens; None = unlimited."""
     if spec.overflow == "dropless" or spec.capacity_factor is None:
         return None
-    return math.ceil(spec.capacity_factor * tokens * spec.top_k / num_experts)
+    return ceil_capacity(spec.capacity_factor, tokens * spec.top_k, num_experts)
 
 
 def _positions(experts_P: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -61,6 +60,11 @@ def apply_capacity(dec: GateDecision, logits_TE: torch.Tensor, spec: RoutingSpec
             dropped=0,
             rerouted=0,
         )
+    if k > 1:
+        # NOTE: priority needs each token's choices best first; a policy may list them unsorted
+        # (sigmoid_group_topk keeps the reference's unsorted top-k; its dropless output is unchanged).
+        order_TK = dec.select_scores_TE.gather(1, ids_TK).argsort(dim=1, descending=True, stable=True)
+        ids_TK, weights_TK = ids_TK.gather(1, order_TK), weights_TK.gather(1, order_TK)
     kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
     rerouted_TK = torch.zeros_like(kept_TK)
     if t > 0:

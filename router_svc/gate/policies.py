@@ -12,6 +12,7 @@ Policies are looked up by name in `POLICIES`; routing always runs in float32.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Callable
 
@@ -188,10 +189,16 @@ def hash_routing(inp: GateInput, spec: RoutingSpec) -> GateDecision:
     )
 
 
+def ceil_capacity(factor: float, assignments: int, num_experts: int) -> int:
+    """ceil(factor * assignments / num_experts), with the factor taken as the decimal it was written
+    as: in floats 1.1 * 400 / 8 is 55.000000000000007 and would give 56, not 55."""
+    return math.ceil(Fraction(str(factor)) * assignments / num_experts)
+
+
 def expert_choice_capacity(tokens: int, spec: RoutingSpec, num_experts: int) -> int:
     """Tokens each expert takes: ceil(C * T * k / E), C = capacity_factor (default 1), at most T."""
     factor = spec.capacity_factor if spec.capacity_factor is not None else 1.0
-    return min(tokens, math.ceil(factor * tokens * spec.top_k / num_experts))
+    return min(tokens, ceil_capacity(factor, tokens * spec.top_k, num_experts))
 
 
 def expert_choice(inp: GateInput, spec: RoutingSpec) -> Assignments:

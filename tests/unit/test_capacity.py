@@ -5,6 +5,7 @@ Priority (GShard): all first choices in token order, then all second choices, ..
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -62,12 +63,21 @@ def assert_pairs(a: Assignments, expected: dict[tuple[int, int], float]) -> None
         (0.125, 1, 1, 16, 1),   # 0.0078 -> 1: never zero for a non-empty request
         (2.0, 64, 4, 16, 32),
         (1.5, 7, 3, 5, 7),      # 6.3 -> 7
+        (1.1, 400, 1, 8, 55),   # exactly 55 (55.000000000000007 in floats)
+        (1.2, 50, 2, 8, 15),    # exactly 15 (15.000000000000002 in floats)
+        (0.1, 30, 1, 3, 1),     # exactly 1 (1.0000000000000002 in floats)
     ],
 )
 @pytest.mark.parametrize("overflow", ["drop", "reroute"])
 def test_capacity_for_is_ceil_c_t_k_over_e(factor, tokens, k, experts, expected, overflow) -> None:
     spec = RoutingSpec(policy="topk_softmax", top_k=k, capacity_factor=factor, overflow=overflow)
     assert capacity_for(tokens, spec, experts) == expected
+
+
+def test_expert_choice_capacity_is_exact_for_decimal_factors() -> None:
+    from router_svc.gate.policies import expert_choice_capacity
+
+    assert expert_choice_capacity(400, RoutingSpec(policy="expert_choice", top_k=1, capacity_factor=1.1), 8) == 55
 
 
 def test_capacity_for_unlimited_when_dropless_or_no_factor() -> None:
@@ -296,3 +306,25 @@ def test_no_expert_over_capacity(case) -> None:
         for tok in range(t):
             if len(final[tok]) < k:
                 assert set(range(e)) - final[tok] <= full, (tok, final[tok], load.tolist(), cap)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_drop_gives_first_choices_priority_under_group_limited_routing(seed: int) -> None:
+    """sigmoid_group_topk lists a token's experts unsorted (as the reference does): the capacity
+    limit still takes every token's best expert (by its selection score) before any second choice,
+    so an expert drops a token's best choice only when more best choices than its capacity name it."""
+    gen = torch.Generator().manual_seed(seed)
+    t, e, cap_factor = 64, 16, 1.0
+    spec = RoutingSpec(policy="sigmoid_group_topk", top_k=4, num_groups=4, topk_groups=2, score_function="sigmoid",
+                       correction_bias=True, capacity_factor=cap_factor, overflow="drop")
+    logits, bias = torch.randn(t, e, generator=gen), torch.randn(e, generator=gen) * 0.1
+    a = route(GateInput(logits_TE=logits, correction_bias_E=bias), spec)
+    capacity = capacity_for(t, spec, e)
+    dropless = route(GateInput(logits_TE=logits, correction_bias_E=bias), dataclasses.replace(spec, overflow="dropless"))
+    chosen = torch.full((t, e), float("-inf"))
+    chosen[dropless.token_N, dropless.expert_N] = (torch.sigmoid(logits) + bias)[dropless.token_N, dropless.expert_N]
+    best_T = chosen.argmax(dim=1)
+    kept = set(zip(a.token_N.tolist(), a.expert_N.tolist()))
+    wanted_E = torch.bincount(best_T, minlength=e)
+    kept_best_E = torch.bincount(torch.tensor([int(b) for i, b in enumerate(best_T.tolist()) if (i, b) in kept], dtype=torch.int64), minlength=e)
+    assert torch.equal(kept_best_E, wanted_E.clamp(max=capacity)), (wanted_E.tolist(), kept_best_E.tolist(), capacity)

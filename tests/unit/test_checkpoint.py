@@ -178,6 +178,43 @@ def test_invalid_hyper_parameters_are_named(dsv3_dir: str, tmp_path) -> None:
         LocalMoE.from_pretrained(path)
 
 
+def test_omitted_keys_take_transformers_defaults(qwen2_dir: str, tmp_path) -> None:
+    """A config.json without `shared_expert_intermediate_size` is a Qwen2-MoE with transformers'
+    default shared expert (5632 wide), not one without it."""
+    from transformers import Qwen2MoeConfig
+
+    path = _edit_config(qwen2_dir, tmp_path / "noshared", shared_expert_intermediate_size=None)
+    spec = HFCheckpoint(path).spec
+    default = Qwen2MoeConfig().shared_expert_intermediate_size
+    assert (spec.shared_experts.count, spec.shared_experts.intermediate_size, spec.shared_experts.sigmoid_gate) == (1, default, True)
+
+
+def test_deepseek_v3_scoring_other_than_sigmoid_is_refused(dsv3_dir: str, tmp_path) -> None:
+    assert HFCheckpoint(_edit_config(dsv3_dir, tmp_path / "sig", scoring_func="sigmoid")).spec.routing.score_function == "sigmoid"
+    path = _edit_config(dsv3_dir, tmp_path / "softmax", scoring_func="softmax")
+    with pytest.raises(CheckpointError, match=r"deepseek_v3 routes with sigmoid scores .*scoring_func='softmax'"):
+        LocalMoE.from_pretrained(path)
+
+
+def test_quantized_checkpoint_is_refused(dsv3_dir: str, tmp_path) -> None:
+    """fp8 weights read without their scales would give wrong numbers: refused, by config and by tensor dtype."""
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    path = _edit_config(dsv3_dir, tmp_path / "quant", quantization_config=quant)
+    with pytest.raises(CheckpointError, match=r"quantized checkpoints are not supported .*quant_method='fp8'"):
+        LocalMoE.from_pretrained(path)
+    stored = _tensors(dsv3_dir)
+    key = "model.layers.1.mlp.experts.2.gate_proj.weight"
+    if key not in stored:  # saved fused
+        key = "model.layers.1.mlp.experts.gate_up_proj"
+    stored[key] = stored[key].to(torch.float8_e4m3fn)
+    dst = tmp_path / "fp8"
+    dst.mkdir()
+    shutil.copy(os.path.join(dsv3_dir, "config.json"), dst / "config.json")
+    save_file(stored, os.fspath(dst / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' is F8_E4M3; expected one of"):
+        LocalMoE.from_pretrained(dst, dtype=torch.float32)
+
+
 def test_missing_or_broken_files(qwen2_dir: str, tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not a directory"):
         HFCheckpoint(tmp_path / "nowhere")

@@ -70,6 +70,8 @@ BAD = [
     ("negative noise_std", cfg(routing={"noise_std": -0.5}), "routing.noise_std"),
     ("bool noise_seed", cfg(routing={"noise_seed": True}), "routing.noise_seed"),
     ("float noise_seed", cfg(routing={"noise_seed": 1.5}), "routing.noise_seed"),
+    ("unknown logits dtype", cfg(routing={"logits_dtype": "bfloat16"}), "routing.logits_dtype"),
+    ("unknown weights dtype", cfg(routing={"weights_dtype": "half"}), "routing.weights_dtype"),
     (
         "num_groups does not divide num_experts",
         cfg(routing={"policy": "sigmoid_group_topk", "num_groups": 3, "topk_groups": 1, "top_k": 1}),
