@@ -66,9 +66,22 @@ class ForwardOutput:
 
 
 class _NoLiveReplica(Exception):
-    def __init__(self, expert: int) -> None:
-        super().__init__(expert)
-        self.expert = expert
+    """Requests of a batch need experts with no live replica: request index -> the first such expert
+    (-1 for the shared slot)."""
+
+    def __init__(self, experts: dict[int, int]) -> None:
+        super().__init__(experts)
+        self.experts = experts
+
+
+def _settle(reqs: Sequence[Pending], e: BaseException) -> None:
+    """Requests not answered yet end with `e` (cancelled, for a cancellation)."""
+    for r in reqs:
+        if not r.future.done():
+            if isinstance(e, asyncio.CancelledError):
+                r.future.cancel()
+            else:
+                r.future.set_exception(e)
 
 
 @dataclass(eq=False)
@@ -136,13 +149,13 @@ class Router:
                 self.shared_gates[layer] = sw.gate.float()
         self.table = table
         self.groups = list(groups)
-        addresses = [g.grpc_address for g in table.groups]
+        self.addresses = [g.grpc_address for g in table.groups]
         self.transports: dict[str, Transport] = {}
         for tname, cls in TRANSPORTS.items():
             if cls is RdtTransport:
-                self.transports[tname] = cls(self.groups, addresses, config.device, worker_name=f"{name}-rdt", namespace=namespace)
+                self.transports[tname] = cls(self.groups, self.addresses, config.device, worker_name=f"{name}-rdt", namespace=namespace)
             else:
-                self.transports[tname] = cls(self.groups, addresses, config.device)
+                self.transports[tname] = cls(self.groups, self.addresses, config.device)
         self.chain: tuple[str, ...] = self._chain_for(config.transport)
         self.measured_ms: dict[str, float] = {}
         self.batcher = Batcher(config, self._run_batch)
@@ -152,6 +165,8 @@ class Router:
         self._table_changed = asyncio.Event()
         # dispatches in flight, given up on when one of their groups stops answering pings (see _dispatch_watched)
         self._watching: set[_Watch] = set()
+        # requests waiting apart for a live replica (failover 'wait'), see _hold
+        self._holding: set[asyncio.Task] = set()
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {}}
@@ -362,85 +377,121 @@ class Router:
             await self._run_batch_in(layer, reqs, span.traceparent)
 
     async def _run_batch_in(self, layer: int, reqs: list[Pending], trace: str) -> None:
-        m = self.metrics
         try:
             t_start = time.perf_counter()
             assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
-            x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
-            t_gate = time.perf_counter()
-            waited_until = time.monotonic() + self.config.failover_wait_s
-            retries = 0  # batches given up on dead groups; waits for a live replica do not count
-            hung = 0  # of them, on groups whose compute ran past compute_timeout_s
-            while True:
-                try:
-                    version = self.table.version
-                    batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
-                except _NoLiveReplica as e:
-                    # NOTE: failover 'wait': hold the batch until the supervisor publishes a table with a live host.
-                    remaining = waited_until - time.monotonic()
-                    if remaining <= 0:
-                        raise ExpertUnavailableError(layer=layer, expert=e.expert, reason="no live replica within failover_wait_s") from None
-                    try:
-                        await asyncio.wait_for(self._table_changed.wait(), timeout=remaining)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                self._planned[version] = self._planned.get(version, 0) + 1
-                try:
-                    with Span(self.tracer, "moe.router.dispatch", parent=trace, attributes={"moe.groups": len({p.group for p in batch.parts})}) as ds:
-                        sent = replace(batch, trace=ds.traceparent or trace, stats={})
-                        y_ND, used = await self._dispatch(sent)
-                        expert_s = sent.stats.get("expert_s")
-                    break
-                except GroupsDown as e:
-                    # NOTE: retry at once on the other replicas; the health watch revives a group that answers again.
-                    log.warning("expert groups %s down; planning around them", list(e.groups))
-                    self.dead.update(e.groups)
-                    self.counters["failovers"] = self.counters.get("failovers", 0) + 1
-                    if m is not None:
-                        m.failovers.add(1, {"router": self.name})
-                    retries += 1
-                    hung += e.hung
-                    if hung >= HUNG_GIVE_UPS:
-                        # NOTE: the requests batched with it fail too (they shared its dispatch).
-                        raise ExpertUnavailableError(layer=layer, expert=-1, reason=(
-                            f"the batch computed past compute_timeout_s on {hung} expert groups in turn; not sent to another "
-                            "(a batch that hangs every group it reaches)")) from None
-                    if retries > len(self.groups) + 8:
-                        raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group") from None
-                finally:
-                    self._planned[version] -= 1
-                    if not self._planned[version]:
-                        del self._planned[version]
-            t_dispatched = time.perf_counter()
-            out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, weigh(y_ND, plan.weight_N, self.spec.routing.weights_dtype))
-            if layer in self.shared:
-                out_TD += self.shared[layer].forward(x_all)
-            self.counters["batches"] += 1
-            by = self.counters["by_transport"]
-            by[used] = by.get(used, 0) + 1
-            for i, (r, a) in enumerate(zip(reqs, assignments)):
-                out = out_TD[offsets[i] : offsets[i + 1]]
-                mine = tuple(t - offsets[i] for t in degraded if offsets[i] <= t < offsets[i + 1])
-                if not r.future.done():
-                    r.future.set_result(self._answer(r, out, a, used, len(reqs), mine))
-            # NOTE: the books are kept after the answers leave, not before: the callbacks queued by
-            # set_result run first, and this still runs before the loop takes any new call (a `load()`
-            # sent after an answer arrived sees it counted).
-            asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
-                                                 (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
-        except Exception as e:
-            for r in reqs:
-                if not r.future.done():
-                    r.future.set_exception(e)
-        except asyncio.CancelledError:
+            await self._serve(layer, reqs, assignments, trace, t_start, time.monotonic() + self.config.failover_wait_s)
+        except (Exception, asyncio.CancelledError) as e:
             # NOTE: a batch run in its own task carries other callers' requests: they end too, not hang.
-            for r in reqs:
-                if not r.future.done():
-                    r.future.cancel()
-            raise
+            _settle(reqs, e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
         finally:
             self.batcher.done(layer)
+
+    async def _serve(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
+                     waited_until: float) -> None:
+        """Plan, dispatch and answer gated requests. A request that needs an expert with no live replica
+        never holds up the others: under failover 'fail' it fails alone; under 'wait' it waits apart
+        (`_hold`), outside the batcher's in-flight count, and the rest go now."""
+        m = self.metrics
+        t_gate = time.perf_counter()
+        retries = 0  # batches given up on dead groups; waits for a live replica do not count
+        hung = 0  # of them, on groups whose compute ran past compute_timeout_s
+        x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
+        while True:
+            try:
+                version = self.table.version
+                batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
+            except _NoLiveReplica as e:
+                stuck = [i for i in range(len(reqs)) if i in e.experts]
+                if self.config.failover == "fail":
+                    for i in stuck:
+                        _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=e.experts[i], reason="no live replica (failover policy 'fail')"))
+                else:
+                    # NOTE: failover 'wait': held until the supervisor publishes a table with a live host.
+                    held = asyncio.get_running_loop().create_task(
+                        self._hold(layer, [reqs[i] for i in stuck], [assignments[i] for i in stuck], trace, t_start, waited_until,
+                                   [e.experts[i] for i in stuck]))
+                    self._holding.add(held)
+                    held.add_done_callback(self._holding.discard)
+                go = [i for i in range(len(reqs)) if i not in e.experts]
+                if not go:
+                    return
+                reqs, assignments = [reqs[i] for i in go], [assignments[i] for i in go]
+                x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
+                continue
+            self._planned[version] = self._planned.get(version, 0) + 1
+            try:
+                with Span(self.tracer, "moe.router.dispatch", parent=trace, attributes={"moe.groups": len({p.group for p in batch.parts})}) as ds:
+                    sent = replace(batch, trace=ds.traceparent or trace, stats={})
+                    y_ND, used = await self._dispatch(sent)
+                    expert_s = sent.stats.get("expert_s")
+                break
+            except GroupsDown as e:
+                retries += 1
+                if retries > len(self.groups) + 8:
+                    raise ExpertUnavailableError(layer=layer, expert=-1, reason="every retry met a dead group") from None
+                if batch.groups is not self.groups:
+                    # NOTE: planned with a table replaced since: its group numbers are not this table's.
+                    log.info("expert groups of a replaced table down (%s); planning again on the current one", e.reason)
+                    continue
+                # NOTE: retry at once on the other replicas; the health watch revives a group that answers again.
+                log.warning("expert groups %s down; planning around them", list(e.groups))
+                self.dead.update(e.groups)
+                self.counters["failovers"] = self.counters.get("failovers", 0) + 1
+                if m is not None:
+                    m.failovers.add(1, {"router": self.name})
+                hung += e.hung
+                if hung >= HUNG_GIVE_UPS:
+                    # NOTE: the requests batched with it fail too (they shared its dispatch).
+                    raise ExpertUnavailableError(layer=layer, expert=-1, reason=(
+                        f"the batch computed past compute_timeout_s on {hung} expert groups in turn; not sent to another "
+                        "(a batch that hangs every group it reaches)")) from None
+            finally:
+                self._planned[version] -= 1
+                if not self._planned[version]:
+                    del self._planned[version]
+        t_dispatched = time.perf_counter()
+        out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, weigh(y_ND, plan.weight_N, self.spec.routing.weights_dtype))
+        if layer in self.shared:
+            out_TD += self.shared[layer].forward(x_all)
+        self.counters["batches"] += 1
+        by = self.counters["by_transport"]
+        by[used] = by.get(used, 0) + 1
+        for i, (r, a) in enumerate(zip(reqs, assignments)):
+            out = out_TD[offsets[i] : offsets[i + 1]]
+            mine = tuple(t - offsets[i] for t in degraded if offsets[i] <= t < offsets[i + 1])
+            if not r.future.done():
+                r.future.set_result(self._answer(r, out, a, used, len(reqs), mine))
+        # NOTE: the books are kept after the answers leave, not before: the callbacks queued by
+        # set_result run first, and this still runs before the loop takes any new call (a `load()`
+        # sent after an answer arrived sees it counted).
+        asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
+                                             (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
+
+    async def _hold(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
+                    waited_until: float, experts: list[int]) -> None:
+        """Requests that need an expert with no live replica (failover 'wait', `experts[i]` the one
+        request i lacks): planned again when a table or a revived group may give one (held again if
+        not), failed at `waited_until`; those whose callers have gone are dropped."""
+        try:
+            remaining = waited_until - time.monotonic()
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(self._table_changed.wait(), timeout=remaining)
+                except asyncio.TimeoutError:
+                    pass
+            live = [i for i, r in enumerate(reqs) if not r.future.done()]
+            if time.monotonic() >= waited_until:
+                for i in live:
+                    _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=experts[i], reason="no live replica within failover_wait_s"))
+            elif live:
+                await self._serve(layer, [reqs[i] for i in live], [assignments[i] for i in live], trace, t_start, waited_until)
+        except (Exception, asyncio.CancelledError) as e:
+            _settle(reqs, e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
 
     def _keep_books(self, layer: int, reqs: list[Pending], assignments: list[Assignments], degraded: list[int], used: str,
                     times: tuple[float, float, float, float, float | None]) -> None:
@@ -496,12 +547,13 @@ class Router:
         routed_live, shared_live = self.table.live_everywhere(layer, dead)
         if not (routed_live and (shared_live or len(tokens) == len(assignments))) and bool((count_E[expert_N] == 0).any()):
             lost = count_E[expert_N] == 0
-            if self.config.failover == "wait":
-                raise _NoLiveReplica(int(expert_N[lost][0]))
-            if self.config.failover == "fail":
-                e = int(expert_N[lost][0])
-                raise ExpertUnavailableError(layer=layer, expert=-1 if e == self.spec.num_experts else e,
-                                             reason="no live replica (failover policy 'fail')")
+            if self.config.failover in ("wait", "fail"):
+                # NOTE: per request: those that need none of the lost experts are served all the same.
+                request_N = torch.searchsorted(torch.tensor(sizes[1:]), token_N[lost], right=True)
+                lacking: dict[int, int] = {}
+                for i, e in zip(request_N.tolist(), expert_N[lost].tolist()):
+                    lacking.setdefault(i, -1 if e == self.spec.num_experts else e)
+                raise _NoLiveReplica(lacking)
             degraded = sorted(set(token_N[lost].tolist()))
             if self.config.failover == "reroute":
                 logits_TE = torch.cat([a.logits_TE.float() for a in assignments])
@@ -512,7 +564,8 @@ class Router:
         g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
         plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
-        return Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, request_ids=tuple(request_ids)), plan, sizes, degraded
+        batch = Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, groups=self.groups, addresses=self.addresses, request_ids=tuple(request_ids))
+        return batch, plan, sizes, degraded
 
     async def _dispatch(self, batch: Batch) -> tuple[torch.Tensor, str]:
         """Try the transports of the chain in order, per batch; the first that answers wins.
@@ -554,7 +607,7 @@ class Router:
         task = asyncio.current_task()
         assert task is not None
         counted = getattr(task, "cancelling", None)  # Python >= 3.11
-        w = _Watch(task, frozenset(p.group for p in batch.parts), self.groups, counted() if counted else 0)
+        w = _Watch(task, frozenset(p.group for p in batch.parts), batch.groups, counted() if counted else 0)
         self._watching.add(w)
         try:
             return await t.dispatch(batch)
@@ -631,9 +684,9 @@ class Router:
             await rdt.close()  # members changed: RDT is built again with the new ones
         self.table = table
         self.groups = list(groups)
-        addresses = [g.grpc_address for g in table.groups]
+        self.addresses = [g.grpc_address for g in table.groups]
         for t in self.transports.values():
-            t.groups, t.addresses = self.groups, addresses
+            t.groups, t.addresses = self.groups, self.addresses
         self.dead = set()
         self._placement_changed()
         return table.version

@@ -28,9 +28,15 @@ class Part:
 
 @dataclass(frozen=True)
 class Batch:
+    """One dispatch. `groups` / `addresses`: the group handles and data-plane addresses of the routing
+    table the batch was planned with; `parts` index these, not a transport's current lists (a table
+    adopted while the batch is in flight renumbers the groups)."""
+
     layer: int
     x_ND: torch.Tensor
     parts: tuple[Part, ...]
+    groups: Sequence[Any] = field(compare=False, repr=False)
+    addresses: Sequence[str] = field(compare=False, repr=False)
     request_ids: tuple[str, ...] = ()
     # W3C traceparent of the dispatch span ('' when not traced); groups parent their compute span on it
     trace: str = ""

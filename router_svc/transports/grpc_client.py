@@ -123,9 +123,15 @@ class GrpcTransport(Transport):
 
     @addresses.setter
     def addresses(self, value: Sequence[str]) -> None:
-        """A new routing table: streams to groups no longer in it are closed."""
+        """A new routing table: streams to groups no longer in it are closed once no batch waits on
+        them (batches planned with the old table still reach those groups while the supervisor drains)."""
         self._addresses = list(value)
         for address in [a for a in self._streams if a not in self._addresses]:
+            self._close_if_retired(address)
+
+    def _close_if_retired(self, address: str) -> None:
+        s = self._streams.get(address)
+        if s is not None and address not in self._addresses and not s.waiting:
             asyncio.get_running_loop().create_task(self._streams.pop(address).close())
 
     def _stream(self, address: str) -> _GroupStream:
@@ -142,7 +148,11 @@ class GrpcTransport(Transport):
         seq = next(self._seq)
         header = {"layer": batch.layer, "experts": list(p.experts), "counts": list(p.counts), "dtype": name,
                   "shape": list(shape), "request_ids": list(batch.request_ids), "traceparent": batch.trace, "seq": seq}
-        out_header, payload = await self._stream(self.addresses[p.group]).request(seq, data_grpc.encode_frame(header, data))
+        address = batch.addresses[p.group]
+        try:
+            out_header, payload = await self._stream(address).request(seq, data_grpc.encode_frame(header, data))
+        finally:
+            self._close_if_retired(address)
         failed = data_grpc.error_of(out_header)
         if failed is not None:
             if failed.code == grpc.StatusCode.INVALID_ARGUMENT.name:

@@ -17,7 +17,7 @@ class ObjectStoreTransport(Transport):
     async def dispatch(self, batch: Batch) -> torch.Tensor:
         x_np, dtype = wire.to_numpy(batch.x_ND)
         refs = [
-            self.groups[p.group].forward_timed.remote(batch.layer, list(p.experts), list(p.counts), x_np[p.start : p.end], dtype, batch.trace)
+            batch.groups[p.group].forward_timed.remote(batch.layer, list(p.experts), list(p.counts), x_np[p.start : p.end], dtype, batch.trace)
             for p in batch.parts
         ]
         results = await asyncio.gather(*refs, return_exceptions=True)

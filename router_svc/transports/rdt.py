@@ -296,6 +296,9 @@ class RdtTransport(Transport):
         routes, worker = self.routes, self.worker
         if routes is None:
             raise TransportError(transport=self.name, reason=self.unrouted or "collective group not built")
+        if batch.groups is not self.groups and list(batch.groups) != self.groups:
+            # NOTE: the routes are the current table's; a batch planned with a replaced one goes another way.
+            raise TransportError(transport=self.name, reason="the batch was planned with a replaced routing table's groups")
         x_np, dtype = wire.to_numpy(batch.x_ND)
         x_ref = ray.put(x_np)
         y_refs = []

@@ -105,6 +105,77 @@ def test_no_replica_left_drops_and_reports_degraded_tokens_exactly(ray_local) ->
         dep.shutdown()
 
 
+def _split_by_lost(ref: LocalMoE, layer: int, lost: set[int], n: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """n one-token requests that need none of the `lost` experts, and n that need one of them."""
+    clear, hit = [], []
+    gen = torch.Generator().manual_seed(seed)
+    while len(clear) < n or len(hit) < n:
+        x = torch.randn(1, 32, generator=gen)
+        _, report = ref.forward(x, layer, return_routing=True)
+        (hit if set(report.expert.tolist()) & lost else clear).append(x)
+    return clear[:n], hit[:n]
+
+
+@pytest.mark.parametrize("failover", ["fail", "wait"])
+def test_a_request_with_every_expert_live_is_not_held_by_its_batch(ray_local, failover: str) -> None:
+    """Requests batched with one that needs an expert with no live replica are served as if alone:
+    under 'fail' only that one fails; under 'wait' it waits apart, and the others (and the layer's
+    later batches) do not wait with it."""
+    dep, ref = _deploy(f"foiso{failover}", replicas=1, failover=failover, supervisor=False)
+    try:
+        layer, dead_group = 0, 2
+        lost = {e for l, e in dep.table.placement[dead_group] if l == layer}
+        clear, hit = _split_by_lost(ref, layer, lost, 24, seed=3)
+        ray.kill(dep.groups[dead_group])
+        if failover == "fail":
+            with pytest.raises(ExpertUnavailableError):  # the router learns of the death on its own
+                dep.forward(hit[0], layer)
+        # interleaved and concurrent: they share batches (requests queue while one is in flight)
+        refs = [dep.submit(x, layer) for pair in zip(hit, clear) for x in pair]
+        hit_refs, clear_refs = refs[0::2], refs[1::2]
+        for x, r in zip(clear, clear_refs):
+            out = ray.get(r, timeout=120)
+            assert _rel(torch.from_numpy(np.array(out.hidden_states)), ref.forward(x, layer)) < 1e-6
+        batched = ray.get(dep.routers[0].status.remote())["counters"]
+        assert batched["batches"] < batched["requests"]  # some were batched together
+        if failover == "wait":
+            # every clear request was answered while the others wait (failover_wait_s, 60 s, for a
+            # group no supervisor brings back; they end with the deployment)
+            ready, _ = ray.wait(hit_refs, num_returns=len(hit_refs), timeout=0)
+            assert not ready
+            return
+        for r in hit_refs:
+            with pytest.raises(ExpertUnavailableError, match="no live replica") as e:
+                dep.result(r, hit[0], timeout=120)
+            assert e.value.expert in lost
+    finally:
+        dep.shutdown()
+
+
+def test_a_death_met_by_a_batch_of_a_replaced_table_marks_no_group_of_the_new_one(ray_local) -> None:
+    """A batch planned with table v meets its group's death after the router adopted v+1, which numbers
+    the groups otherwise: the group number the batch reports is v's, so nothing of v+1 is marked dead;
+    the batch is planned again on v+1 and answered exactly from the other copies."""
+    from router_svc.table import RoutingTable
+
+    dep, ref = _deploy("fostale", replicas=2, failover="fail", supervisor=False)
+    try:
+        layer, x = 0, torch.randn(96, 32, generator=torch.Generator().manual_seed(4))
+        assert _rel(dep.forward(x, layer), ref.forward(x, layer)) < 1e-6
+        ray.get(dep.groups[0].__ray_call__.remote(hang_compute), timeout=30)
+        held = dep.submit(x, layer)
+        ready, _ = ray.wait([held], timeout=1.0)
+        assert not ready  # in flight, held in group 0's compute
+        old, order = dep.table, [2, 1, 0]
+        new = RoutingTable.build(old.version + 1, old.num_experts, [old.groups[i] for i in order], [old.placement[i] for i in order])
+        assert ray.get(dep.routers[0].update_table.remote(new, [dep.groups[i] for i in order])) == new.version
+        ray.kill(dep.groups[0])  # v's group 0, v+1's group 2
+        assert _rel(dep.result(held, x, timeout=120), ref.forward(x, layer)) < 1e-6
+        assert ray.get(dep.routers[0].status.remote())["dead"] in ([], [2])
+    finally:
+        dep.shutdown()
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_supervisor_replaces_a_killed_group_and_wait_loses_nothing(ray_local, replicas: int) -> None:
     """failover=wait with the supervisor: requests hold until the group is back; none fails, all exact."""

@@ -44,13 +44,13 @@ class FakeGroup:
         return {"dtype": name, "shape": list(shape), "compute_s": self.delay_s}, data
 
 
-def _batch(x: torch.Tensor, layer: int = 0) -> tuple[Batch, torch.Tensor]:
-    """Rows split over two groups: group 0 experts (0, 2), group 1 expert 1; and the expected answer."""
+def _batch(addresses: list[str], x: torch.Tensor, layer: int = 0) -> tuple[Batch, torch.Tensor]:
+    """Rows split over two groups (at `addresses`): group 0 experts (0, 2), group 1 expert 1; and the expected answer."""
     n = x.shape[0]
     a, b = n // 3, 2 * n // 3
     parts = (Part(group=0, start=0, end=b, experts=(0, 2), counts=(a, b - a)), Part(group=1, start=b, end=n, experts=(1,), counts=(n - b,)))
     scale = torch.cat([torch.full((a,), 1.0), torch.full((b - a,), 3.0), torch.full((n - b,), 2.0)])
-    return Batch(layer=layer, x_ND=x, parts=parts), x * scale[:, None]
+    return Batch(layer=layer, x_ND=x, parts=parts, groups=(None, None), addresses=tuple(addresses)), x * scale[:, None]
 
 
 class Servers:
@@ -79,7 +79,7 @@ def test_concurrent_batches_on_one_stream_each_get_their_own_rows(servers: Serve
         t = GrpcTransport([None, None], servers.addresses, "cpu")
         try:
             gen = torch.Generator().manual_seed(0)
-            batches = [_batch(torch.randn(3 + i % 7, 5, generator=gen)) for i in range(48)]
+            batches = [_batch(servers.addresses, torch.randn(3 + i % 7, 5, generator=gen)) for i in range(48)]
             outs = await asyncio.gather(*(t.dispatch(b) for b, _ in batches))
             for (b, want), got in zip(batches, outs):
                 assert torch.equal(got, want)
@@ -96,10 +96,10 @@ def test_a_refused_batch_is_invalid_request_and_the_stream_keeps_serving(servers
     async def main() -> None:
         t = GrpcTransport([None, None], servers.addresses, "cpu")
         try:
-            bad, _ = _batch(torch.ones(6, 4), layer=99)
+            bad, _ = _batch(servers.addresses, torch.ones(6, 4), layer=99)
             with pytest.raises(InvalidRequestError, match="this group hosts no slot of layer 99"):
                 await t.dispatch(bad)
-            good, want = _batch(torch.ones(6, 4))
+            good, want = _batch(servers.addresses, torch.ones(6, 4))
             assert torch.equal(await t.dispatch(good), want)
             assert all(s.broken is None for s in t._streams.values())
         finally:
@@ -114,7 +114,7 @@ def test_a_batch_whose_caller_goes_away_does_not_shift_the_next_answers(servers:
         try:
             for h in servers.handlers:
                 h.gate.clear()
-            first, _ = _batch(torch.full((6, 4), 7.0))
+            first, _ = _batch(servers.addresses, torch.full((6, 4), 7.0))
             task = asyncio.create_task(t.dispatch(first))
             await asyncio.sleep(0.05)
             task.cancel()
@@ -123,7 +123,7 @@ def test_a_batch_whose_caller_goes_away_does_not_shift_the_next_answers(servers:
             with pytest.raises(asyncio.CancelledError):
                 await task
             for i in range(5):
-                b, want = _batch(torch.full((6, 4), float(i)))
+                b, want = _batch(servers.addresses, torch.full((6, 4), float(i)))
                 assert torch.equal(await t.dispatch(b), want)
         finally:
             await t.close()
@@ -137,7 +137,7 @@ def test_a_dead_group_fails_its_waiting_batches_and_a_new_stream_serves_after(ca
         async def main() -> None:
             t = GrpcTransport([None, None], s.addresses, "cpu")
             try:
-                b, want = _batch(torch.ones(6, 4))
+                b, want = _batch(s.addresses, torch.ones(6, 4))
                 assert torch.equal(await t.dispatch(b), want)
                 s.handlers[1].gate.clear()  # group 1 holds the next frame, then goes away
                 pending = asyncio.create_task(t.dispatch(b))
@@ -153,6 +153,7 @@ def test_a_dead_group_fails_its_waiting_batches_and_a_new_stream_serves_after(ca
                 s.servers[1] = server
                 old = s.addresses[1]
                 t.addresses = [s.addresses[0], f"127.0.0.1:{port}"]
+                b, want = _batch(t.addresses, torch.ones(6, 4))
                 assert torch.equal(await t.dispatch(b), want)
                 assert old not in t._streams
             finally:
@@ -162,3 +163,26 @@ def test_a_dead_group_fails_its_waiting_batches_and_a_new_stream_serves_after(ca
             asyncio.run(main())
     finally:
         s.stop()
+
+
+def test_a_batch_in_flight_to_a_retired_group_completes_and_its_stream_closes_after(servers: Servers) -> None:
+    """A new routing table without a group: the batch planned with the old one, still waiting on that
+    group's stream, gets its answer from that group (it is drained, not cut off); the stream closes then."""
+    async def main() -> None:
+        t = GrpcTransport([None, None], servers.addresses, "cpu")
+        try:
+            b, want = _batch(servers.addresses, torch.full((6, 4), 2.0))
+            assert torch.equal(await t.dispatch(b), want)
+            servers.handlers[1].gate.clear()
+            pending = asyncio.create_task(t.dispatch(b))
+            await asyncio.sleep(0.1)
+            retired = servers.addresses[1]
+            t.addresses = [servers.addresses[0]]  # group 1 retired while the batch waits on it
+            assert retired in t._streams and t._streams[retired].broken is None
+            servers.handlers[1].gate.set()
+            assert torch.equal(await asyncio.wait_for(pending, 20), want)
+            assert retired not in t._streams
+        finally:
+            await t.close()
+
+    asyncio.run(main())
