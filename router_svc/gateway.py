@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertService"].full_name
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 MAX_DIMS = 1 << 31
+MAX_INTERNAL_MESSAGE = 200  # characters of an unexpected error's first line sent to the client
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,11 +79,12 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=lambda b: b, response_serializer=lambda b: b)
 
 
-def _tensor_in(t: pb.Tensor, field: str, max_tokens: int) -> Any:
+def _tensor_in(t: pb.Tensor, field: str, hidden_size: int, max_tokens: int) -> Any:
     """A wire tensor -> torch tensor sharing the request's bytes.
 
-    Its form (rank, dimensions, dtype) is checked before the token limit, so a malformed
-    request is INVALID_ARGUMENT and never told to come back later (RESOURCE_EXHAUSTED).
+    Its form (rank, dimensions, dtype, byte count, hidden size: each O(1)) is checked before the
+    token limit, so a malformed request is INVALID_ARGUMENT and never told to come back later
+    (RESOURCE_EXHAUSTED).
     """
     shape = list(t.shape)
     if len(shape) not in (2, 3):
@@ -91,10 +93,13 @@ def _tensor_in(t: pb.Tensor, field: str, max_tokens: int) -> Any:
         raise InvalidRequestError(field=f"{field}.shape", problem=f"dimensions must be in [0, 2^31): {shape}")
     if t.dtype not in wire.DTYPES:
         raise InvalidRequestError(field=f"{field}.dtype", problem=f"unknown dtype {t.dtype!r}; expected one of {sorted(wire.DTYPES)}")
+    x = wire.from_bytes(t.data, t.dtype, shape)  # byte count == prod(shape) * itemsize, else INVALID_ARGUMENT; no copy
+    if shape[-1] != hidden_size:
+        raise InvalidRequestError(field=field, problem=f"hidden size {shape[-1]} != model hidden size {hidden_size}")
     tokens = math.prod(shape[:-1])
     if tokens > max_tokens:
         raise BackPressureError(limit="tokens per request", value=tokens, maximum=max_tokens)
-    return wire.from_bytes(t.data, t.dtype, shape)
+    return x
 
 
 def _response(out: "ForwardOutput") -> pb.ForwardResponse:
@@ -116,13 +121,49 @@ def _response(out: "ForwardOutput") -> pb.ForwardResponse:
     return resp
 
 
+class _StreamWindow:
+    """What one ForwardStream holds at once: requests read whose answers are not yet written.
+
+    Bounded as the router's admission bounds its queue (`max_queued_requests` requests and
+    `max_queued_tokens` tokens; one request alone always fits, so an oversized one still gets its
+    own answer). The router frees a request's admission slot when it answers, before the answer
+    is written; without this bound a client that sends and never reads would have the gateway
+    read on and hold every answer. With it, the stream stops reading when full, and HTTP/2 flow
+    control pushes back on the client.
+
+    NOTE: one acquirer (the stream's read loop), so one event suffices; `release` is synchronous,
+    safe in a `finally` of a cancelled task.
+    """
+
+    def __init__(self, *, max_requests: int, max_tokens: int) -> None:
+        self.max_requests, self.max_tokens = max_requests, max_tokens
+        self.requests = self.tokens = 0
+        self._room = asyncio.Event()
+
+    def _fits(self, tokens: int) -> bool:
+        return self.requests == 0 or (self.requests < self.max_requests and self.tokens + tokens <= self.max_tokens)
+
+    async def acquire(self, tokens: int) -> None:
+        while not self._fits(tokens):
+            self._room.clear()
+            await self._room.wait()
+        self.requests += 1
+        self.tokens += tokens
+
+    def release(self, tokens: int) -> None:
+        self.requests -= 1
+        self.tokens -= tokens
+        self._room.set()
+
+
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     def __init__(self, router: "Router") -> None:
         self.router = router
+        self.stream_peak_held = 0  # the most requests one ForwardStream has held at once (see _StreamWindow)
 
     async def _forward(self, request: pb.ForwardRequest, traceparent: str) -> pb.ForwardResponse:
-        """One request -> its answer; raises MoEServeError for one that fails."""
-        x = _tensor_in(request.hidden_states, "hidden_states", self.router.config.max_tokens_per_request)
+        """One request -> its answer; raises for one that fails (a MoEServeError, or anything unexpected)."""
+        x = _tensor_in(request.hidden_states, "hidden_states", self.router.spec.hidden_size, self.router.config.max_tokens_per_request)
         # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
         ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
         out = await self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
@@ -134,45 +175,46 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             # NOTE: no wait_for on the deadline: gRPC cancels this handler's task when the call's
             # deadline passes or the client goes away (the answer would be DEADLINE_EXCEEDED either way).
             return await self._forward(request, _traceparent(context))
-        except MoEServeError as e:
-            # NOTE: drop the traceback: the error's frames hold the request's tensor and token ids, and
-            # anything keeping the error (a task, a cycle) would keep them until a full collection.
-            e.__traceback__ = None
-            _fail(context, _failure(e))
+        except Exception as e:
+            _fail(context, _failure(_logged(e, "Forward request %r", request.request_id)))
             return pb.ForwardResponse()
 
     async def ForwardStream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """Every request read becomes its own task at once (so they batch together); each writes its
-        answer, or its failure as a status, as soon as it is ready. The call ends OK once the client
-        has stopped sending and every answer is out; cancelling it cancels what is left."""
+        answer, or its failure as a status, as soon as it is ready. The stream reads on only while
+        its window has room (see _StreamWindow). The call ends OK once the client has stopped
+        sending and every answer is out; cancelling it cancels what is left."""
         traceparent = _traceparent(context)
         write = asyncio.Lock()  # one write at a time on a stream
+        c = self.router.config
+        window = _StreamWindow(max_requests=c.max_queued_requests, max_tokens=c.max_queued_tokens)
         tasks: set[asyncio.Task] = set()
 
-        async def one(seq: int, raw: bytes) -> None:
+        async def one(seq: int, request: pb.ForwardRequest | InvalidRequestError, tokens: int) -> None:
             rid = ""
             try:
                 try:
-                    request = pb.ForwardRequest.FromString(raw)
-                except DecodeError as e:
-                    raise InvalidRequestError(field="request", problem=f"not a valid moe.v1.ForwardRequest message: {e}") from None
-                rid = request.request_id
-                answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, response=await self._forward(request, traceparent))
-            except MoEServeError as e:
-                e.__traceback__ = None
-                f = _failure(e)
-                answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, code=f.code.value[0], message=f.message)
-            except Exception as e:  # never a request without an answer on an open stream
-                log.exception("stream request %d failed", seq)
-                answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, code=grpc.StatusCode.INTERNAL.value[0],
-                                                  message=f"{type(e).__name__}: {e}")
-            async with write:
-                await context.write(answer)
+                    if isinstance(request, InvalidRequestError):
+                        raise request
+                    rid = request.request_id
+                    answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, response=await self._forward(request, traceparent))
+                except Exception as e:  # never a request without an answer on an open stream
+                    f = _failure(_logged(e, "ForwardStream request %d (%r)", seq, rid))
+                    answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, code=f.code.value[0], message=f.message)
+                async with write:
+                    await context.write(answer)
+            finally:
+                window.release(tokens)
 
         try:
             seq = 0
             async for raw in requests:
-                task = asyncio.get_running_loop().create_task(one(seq, raw))
+                request = _parse_stream_request(raw)
+                del raw  # not kept while the loop waits for room: the parsed message has its own copy
+                tokens = _tokens_of(request, c.max_tokens_per_request)
+                await window.acquire(tokens)
+                self.stream_peak_held = max(self.stream_peak_held, window.requests)
+                task = asyncio.get_running_loop().create_task(one(seq, request, tokens))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 seq += 1
@@ -192,6 +234,24 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             events=[pb.ControlEvent(**e) for e in st["events"]],
             supervisor_alive=st["supervisor_alive"], supervisor_restarts=st["supervisor_restarts"],
         )
+
+
+def _parse_stream_request(raw: bytes) -> pb.ForwardRequest | InvalidRequestError:
+    """One stream message -> its request, or the error its answer will carry (not raised: no traceback)."""
+    try:
+        return pb.ForwardRequest.FromString(raw)
+    except DecodeError as e:
+        return InvalidRequestError(field="request", problem=f"not a valid moe.v1.ForwardRequest message: {e}")
+
+
+def _tokens_of(request: pb.ForwardRequest | InvalidRequestError, max_tokens: int) -> int:
+    """The tokens a stream request's answer may carry (at most `max_tokens`: more is refused); 0 for a malformed one."""
+    if isinstance(request, InvalidRequestError):
+        return 0
+    shape = request.hidden_states.shape
+    if len(shape) not in (2, 3) or any(d < 0 for d in shape):
+        return 0
+    return min(math.prod(shape[:-1]), max_tokens)
 
 
 def _traceparent(context: grpc.aio.ServicerContext) -> str:
@@ -245,7 +305,10 @@ class _Failure:
 
 
 def _failure(e: BaseException) -> _Failure:
-    """The one place errors map to status codes."""
+    """The one place errors map to status codes: an error that is no MoEServeError (a bug, a group's
+    CUDA OOM arriving as a RayTaskError) is INTERNAL, with a one-line message (see _logged)."""
+    if not isinstance(e, MoEServeError):
+        return _Failure(code=grpc.StatusCode.INTERNAL, message=_internal_message(e))
     if isinstance(e, InvalidRequestError):
         return _Failure(code=grpc.StatusCode.INVALID_ARGUMENT, message=str(e))
     if isinstance(e, BackPressureError):
@@ -253,6 +316,30 @@ def _failure(e: BaseException) -> _Failure:
     if isinstance(e, ExpertUnavailableError):
         return _Failure(code=grpc.StatusCode.UNAVAILABLE, message=str(e))
     return _Failure(code=grpc.StatusCode.FAILED_PRECONDITION, message=str(e))
+
+
+def _internal_message(e: BaseException) -> str:
+    """A short, one-line message for an unexpected error: its type and the first line of what it says.
+
+    NOTE: a RayTaskError's text is the remote traceback; its `cause` is the error the actor raised.
+    """
+    cause = getattr(e, "cause", None)
+    shown = cause if isinstance(cause, BaseException) else e
+    first = next((line.strip() for line in str(shown).splitlines() if line.strip()), "")
+    what = type(shown).__name__ + (f": {first}" if first else "")
+    return f"internal error ({what[:MAX_INTERNAL_MESSAGE]})"
+
+
+def _logged(e: BaseException, what: str, *args: Any) -> BaseException:
+    """`e`, logged in full when it is unexpected (no MoEServeError), then stripped of its traceback.
+
+    NOTE: drop the traceback: the error's frames hold the request's tensor and token ids, and
+    anything keeping the error (a task, a cycle) would keep them until a full collection.
+    """
+    if not isinstance(e, MoEServeError):
+        log.error("%s failed", what % args, exc_info=e)
+    e.__traceback__ = None
+    return e
 
 
 def _fail(context: grpc.aio.ServicerContext, f: _Failure) -> None:
@@ -286,7 +373,8 @@ class Gateway:
         # the call reaches the event loop (admission's request bound plus room for Status and health).
         self.server = grpc.aio.server(interceptors=interceptors, options=opts,
                                       maximum_concurrent_rpcs=router.config.max_queued_requests + 64)
-        _add_servicer(ExpertServicer(router), self.server)
+        self.servicer = ExpertServicer(router)
+        _add_servicer(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

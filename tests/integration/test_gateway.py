@@ -1,6 +1,7 @@
 """The public gRPC gateway (moe.v1.ExpertService) end to end: raw stubs and MoEClient equal LocalMoE;
 every bad request gets its status code and the gateway keeps serving; auth, health, reflection, TLS, mTLS,
-admission limits, deadlines, disconnects, retries across gateways, Status, and `moe-serve demo`.
+admission limits (a ForwardStream nobody reads included), unexpected errors (INTERNAL), deadlines, disconnects,
+retries across gateways, Status, and `moe-serve demo`.
 
 One shared deployment (2 expert groups, 2 routers -> 2 gateways, a bearer token) serves most tests;
 small dedicated deployments cover TLS, mutual TLS, a tiny admission queue, Status after a failover and
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -33,7 +35,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
-from cluster import NAMESPACE, deploy
+from cluster import NAMESPACE, deploy, faults
 from expert_workers.errors import InvalidRequestError
 from moe.v1 import expert_service_pb2 as pb
 from moe.v1 import expert_service_pb2_grpc as pb_grpc
@@ -325,6 +327,15 @@ def _bad_requests() -> dict[str, tuple[pb.ForwardRequest, str]]:
         "layer_uint32_max": (_request(x, 2**32 - 1), r"layer 4294967295 out of range"),
         "too_few_token_ids": (_request(x, 0, token_ids=[1, 2, 3]), r"3 ids .* for 4 tokens"),
         "too_many_token_ids": (_request(x.reshape(2, 2, D), 2, token_ids=[1, 2, 3, 4, 5]), r"5 ids .* for 4 tokens"),
+        # malformed and over max_tokens_per_request: the form is checked first (a client must fix it, not retry it)
+        "over_limit_without_data": (pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float32", shape=[5000, D], data=b"")),
+                                    rf"0 bytes for shape \[5000, {D}\] of float32 \({5000 * D * 4} expected\)"),
+        "over_limit_wrong_hidden_size": (pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float32", shape=[5000, 7], data=bytes(5000 * 7 * 4))),
+                                         rf"hidden size 7 != model hidden size {D}"),
+        "over_limit_hidden_size_0": (pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float32", shape=[1 << 30, 0], data=b"")),
+                                     rf"hidden size 0 != model hidden size {D}"),
+        "over_limit_huge_dims_without_data": (pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float16", shape=[1 << 30, 1 << 30, D], data=b"")),
+                                              r"0 bytes for shape \[1073741824, 1073741824, 32\] of float16"),
     }
 
 
@@ -365,9 +376,9 @@ def test_over_max_tokens_per_request_is_resource_exhausted_with_quota_failure(st
         assert qf.violations[0].subject == "tokens per request"
         assert f"{tokens} exceeds the limit of {MAX_TOKENS}" in qf.violations[0].description
         _assert_serves(stub, ref)
-    # the limit is a shape check: it answers before the (missing) data is even looked at
+    # the limit comes after the request's form: over it and without its data is INVALID_ARGUMENT (see BAD)
     huge = pb.ForwardRequest(layer=0, hidden_states=pb.Tensor(dtype="float32", shape=[1 << 20, D], data=b""))
-    assert _rpc_error(stub.Forward, huge, metadata=AUTH, timeout=RPC_TIMEOUT).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _rpc_error(stub.Forward, huge, metadata=AUTH, timeout=RPC_TIMEOUT).code() == grpc.StatusCode.INVALID_ARGUMENT
     # exactly at the limit is fine
     x = torch.randn(MAX_TOKENS, D)
     resp = stub.Forward(_request(x, 2), metadata=AUTH, timeout=RPC_TIMEOUT)
@@ -376,6 +387,53 @@ def test_over_max_tokens_per_request_is_resource_exhausted_with_quota_failure(st
     with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED: tokens per request") as info:
         client.forward(torch.randn(MAX_TOKENS + 1, D), 0)
     assert info.value.code == "RESOURCE_EXHAUSTED"
+
+
+# -- unexpected errors ---------------------------------------------------------------------------
+
+
+OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (injected by test_gateway)"
+
+
+def _oom_compute(group) -> bool:
+    """Runs in an ExpertGroup (`__ray_call__`): every batch raises in its expert FFN, as on a CUDA OOM,
+    until `_heal_compute`. The router gets it as a RayTaskError: no MoEServeError."""
+    def oom(*args, **kwargs):
+        raise RuntimeError(OOM)
+
+    for ffn in faults._ffns(group):
+        ffn.forward = oom
+    return True
+
+
+def _heal_compute(group) -> bool:
+    for ffn in faults._ffns(group):
+        ffn.__dict__.pop("forward", None)
+    return True
+
+
+def test_unexpected_error_is_internal_with_a_short_message_on_unary_and_stream(gw, stub, ref) -> None:
+    """An error no MoEServeError (a group's CUDA OOM) is INTERNAL with a one-line message, on Forward as
+    on ForwardStream (not UNKNOWN with the remote traceback); the gateway serves on once the groups do."""
+    try:
+        ray.get([g.__ray_call__.remote(_oom_compute) for g in gw.groups], timeout=RPC_TIMEOUT)
+        want = rf"^internal error \(RuntimeError: {re.escape(OOM)}\)$"
+        for layer in MOE_LAYERS:
+            err = _rpc_error(stub.Forward, _request(torch.randn(5, D), layer), metadata=AUTH, timeout=RPC_TIMEOUT)
+            assert err.code() == grpc.StatusCode.INTERNAL, (err.code(), err.details())
+            assert re.search(want, err.details()), err.details()
+        [answer] = _stream(gw.gateway_addresses[0], [_request(torch.randn(5, D), 2, request_id="oom")])
+        assert (answer.code, answer.request_id) == (grpc.StatusCode.INTERNAL.value[0], "oom"), answer
+        assert re.search(want, answer.message), answer.message
+        assert not answer.HasField("response")
+        with MoEClient(gw.gateway_addresses, token=TOKEN, timeout=RPC_TIMEOUT) as c:  # not retried
+            with pytest.raises(RemoteError, match=r"INTERNAL: internal error \(RuntimeError: CUDA out of memory") as info:
+                c.forward(torch.randn(3, D), 0)
+            assert info.value.code == "INTERNAL"
+    finally:
+        ray.get([g.__ray_call__.remote(_heal_compute) for g in gw.groups], timeout=RPC_TIMEOUT)
+    _assert_serves(stub, ref, layer=0)
+    _assert_serves(stub, ref, layer=2)
 
 
 # -- auth ----------------------------------------------------------------------------------------
@@ -741,6 +799,69 @@ def test_stream_needs_the_bearer_token(gw) -> None:
     with MoEClient(gw.gateway_addresses, token="not-the-token-1234", timeout=RPC_TIMEOUT, stream=True) as bad:
         with pytest.raises(RemoteError, match="UNAUTHENTICATED: invalid bearer token"):
             bad.forward(torch.randn(2, D), 0)
+
+
+def _until_still(observe, what: str, still_s: float = 3.0):
+    """Poll observe() until its value has not changed for still_s seconds: that value."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    last, since = observe(), time.monotonic()
+    while time.monotonic() - since < still_s:
+        assert time.monotonic() < deadline, f"{what} never settled: {last}"
+        time.sleep(0.25)
+        now = observe()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def _stream_peak_held(dep) -> int:
+    """The most requests one ForwardStream of router 0's gateway held at once (read but not yet answered on the wire)."""
+    return int(ray.get(dep.routers[0].__ray_call__.remote(lambda router: router.gateway.servicer.stream_peak_held), timeout=RPC_TIMEOUT))
+
+
+def test_stream_not_read_holds_at_most_the_admission_bound_and_loses_nothing(gw, ref) -> None:
+    """A client that sends on a ForwardStream and does not read. The router frees a request's admission
+    slot when it answers, before the answer is written; the stream must still hold no more requests than
+    admission allows (max_queued_requests, set to 4 here), stop reading, and let HTTP/2 flow control block
+    the sender. Once the client reads, every answer arrives, exact, none dropped."""
+    bound, count, tokens = 4, 400, 1024  # 128 KiB per request and per answer: 50 MiB each way, far past any window
+    router = gw.routers[0]
+    config = ray.get(router.__ray_call__.remote(lambda r: r.config), timeout=RPC_TIMEOUT)
+    ray.get(router.__ray_call__.remote(lambda r: setattr(r, "config", replace(r.config, max_queued_requests=bound))), timeout=RPC_TIMEOUT)
+    ray.get(router.__ray_call__.remote(lambda r: setattr(r.gateway.servicer, "stream_peak_held", 0)), timeout=RPC_TIMEOUT)
+    try:
+        gen = torch.Generator().manual_seed(43)
+        xs = [torch.randn(tokens, D, generator=gen) for _ in range(8)]
+        wanted = [ref.forward(x, MOE_LAYERS[k % 2]) for k, x in enumerate(xs)]
+        requests = [_request(xs[k % 8], MOE_LAYERS[k % 2], request_id=f"bp{k}") for k in range(count)]
+        pulled = [0]  # requests gRPC's sending thread has taken (it takes the next once the last is written)
+
+        def sending():
+            for r in requests:
+                pulled[0] += 1
+                yield r
+
+        base = _router_requests(gw)
+        with _channel(gw.gateway_addresses[0]) as ch:
+            rpc = ch.stream_stream(f"/{SERVICE}/ForwardStream", request_serializer=pb.ForwardRequest.SerializeToString,
+                                   response_deserializer=pb.ForwardStreamResponse.FromString)
+            answers = rpc(sending(), metadata=AUTH, timeout=RPC_TIMEOUT)
+            pulled_still, admitted = _until_still(lambda: (pulled[0], _router_requests(gw) - base), "the sender")
+            # the sender is blocked well before its last request, and the router saw no more than the stream read
+            assert pulled_still < count, f"the gateway read all {count} requests of a stream nobody reads"
+            assert 0 < admitted < count // 2, admitted
+            assert 1 <= _stream_peak_held(gw) <= bound
+            got = {}
+            for a in answers:
+                assert a.sequence not in got, a.sequence
+                got[a.sequence] = a
+        assert sorted(got) == list(range(count))
+        for k, a in got.items():
+            assert (a.code, a.message, a.request_id) == (0, "", f"bp{k}"), (k, a.code, a.message)
+            assert _rel(_decode(a.response.hidden_states), wanted[k % 8]) < 1e-6, k
+        assert _stream_peak_held(gw) <= bound
+    finally:
+        ray.get(router.__ray_call__.remote(lambda r: setattr(r, "config", config)), timeout=RPC_TIMEOUT)
 
 
 def test_moe_client_stream_mode_is_exact_from_many_threads_and_maps_errors(gw, ref) -> None:
