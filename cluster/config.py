@@ -22,6 +22,7 @@ Errors name the field, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -124,10 +125,14 @@ class DeploymentSettings:
 
     def __post_init__(self) -> None:
         p = "deployment."
-        for name in ("hot_threshold", "load_window_s", "rebalance_period_s", "replica_down_delay_s", "target_group_tokens_per_s",
-                     "scale_up_delay_s", "scale_down_delay_s", "place_timeout_s", "drain_timeout_s", "supervisor_period_s",
-                     "hot_replica_min_rate", "replica_down_fraction"):
+        for name in ("hot_threshold", "replica_down_delay_s", "target_group_tokens_per_s", "scale_up_delay_s", "scale_down_delay_s",
+                     "place_timeout_s", "drain_timeout_s", "hot_replica_min_rate", "replica_down_fraction"):
             _number(p + name, getattr(self, name), minimum=0.0)
+        # NOTE: a period of 0 spins the supervisor's loop (or, for the load window, leaves no span to
+        # measure a rate over); every period, delay and timeout is finite, since they end up as
+        # `Event.wait`/`ray.get` timeouts, which overflow on inf.
+        for name in ("supervisor_period_s", "rebalance_period_s", "load_window_s"):
+            _number(p + name, getattr(self, name), minimum=0.0, strict=True)
         if self.replica_down_fraction > 1:
             raise ConfigError(field=p + "replica_down_fraction", value=self.replica_down_fraction, expected="a number in [0, 1]")
         for name in ("max_replicas", "min_groups", "max_groups"):
@@ -156,8 +161,8 @@ class DeploymentSettings:
         for name in ("group_cpus", "group_gpus", "router_cpus"):
             _number(p + name, getattr(self, name), minimum=0.0)
         v = self.compute_timeout_s
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise ConfigError(field=p + "compute_timeout_s", value=v, expected="a number of seconds > 0, or null (never)")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise ConfigError(field=p + "compute_timeout_s", value=v, expected="a finite number of seconds > 0, or null (never)")
         if not isinstance(self.huge_pages, bool):
             raise ConfigError(field=p + "huge_pages", value=self.huge_pages, expected="a bool")
         if self.max_replicas is not None and not self.replicas <= self.max_replicas:
@@ -203,9 +208,11 @@ class ElasticPolicy:
     drain_timeout_s: float = 30.0
 
 
-def _number(name: str, value: Any, *, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or value != value:
-        raise ConfigError(field=name, value=value, expected=f"a number >= {minimum:g}")
+def _number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
+    """A finite int or float >= `minimum` (> `minimum` when `strict`); NaN and inf are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            value < minimum or (strict and value == minimum):
+        raise ConfigError(field=name, value=value, expected=f"a finite number {'>' if strict else '>='} {minimum:g}")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -232,6 +239,12 @@ class GatewaySettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(field=f"gateway.{name}", value=v, expected="an integer >= 1")
+        # NOTE: a request above the queue bound is refused as back-pressure however empty the queue is,
+        # so requests between the two limits could never be admitted.
+        if self.max_queued_tokens < self.max_tokens_per_request:
+            raise ConfigError(field="gateway.max_queued_tokens", value=self.max_queued_tokens,
+                              expected=f"at least max_tokens_per_request={self.max_tokens_per_request} "
+                                       "(a request of max_tokens_per_request tokens must fit in an empty queue)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,6 +289,14 @@ class ServiceConfig:
         if self.gateway.enabled and self.gateway.host not in LOOPBACK and self.auth.token is None:
             raise ConfigError(field="auth.token", value=None,
                               expected=f"a token when gateway.host ({self.gateway.host}) is not loopback")
+        # NOTE: router i serves port + i; grpc and the metrics server bind a port past 65535 as any free port, silently.
+        routers = self.deployment.routers
+        ports = (("gateway.port", self.gateway.port if self.gateway.enabled else None),
+                 ("telemetry.prometheus_port", self.telemetry.prometheus_port))
+        for name, port in ports:
+            if port and port + routers - 1 > 65535:
+                raise ConfigError(field=name, value=port, expected=f"at most {65536 - routers} with deployment.routers={routers} "
+                                                                   "(router i serves port + i), or 0 (any free port)")
 
     def routing_spec(self, base: RoutingSpec) -> RoutingSpec | None:
         """The model's routing spec with this config's overrides; None when there are none."""

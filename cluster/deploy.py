@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import ray
 import torch
+from ray.experimental import internal_kv
 
 from cluster.config import ServiceConfig, load_config
 from cluster.placement import all_slots, spread_replicated
 from expert_workers import wire
 from expert_workers.errors import MoEServeError
-from cluster.supervisor import Supervisor
+from cluster.supervisor import KV_NAMESPACE, Supervisor, state_key
 from expert_workers.group import CONCURRENCY_GROUPS, THP_ENV, ExpertGroup
 from expert_workers.source import open_source
 from expert_workers.spec import MoESpec
@@ -147,6 +148,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
     name = f"{d.name}-{run_id}"
     group_cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertGroup)
     groups, routers = [], []
+    supervisor = None
     # the same for the groups made here and those the supervisor makes later (replacements, added groups)
     group_kwargs = dict(device=device, dtype=cfg.model.dtype, num_threads=max(1, int(d.group_cpus)), grpc_host=d.grpc_host,
                         telemetry=cfg.telemetry, compute_timeout_s=None if d.compute_timeout_s is None else float(d.compute_timeout_s))
@@ -198,7 +200,6 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
                 table=table, groups=groups, **spec_i["kwargs"]))
         progress(f"starting {len(routers)} router(s) (transport {d.transport})")
         started = _placed([r.start.remote() for r in routers], "routers", d.routers * d.router_cpus)
-        supervisor = None
         if d.supervisor:
             group_opts = {k: v for k, v in opts.items() if k not in ("name", "namespace")}
             sup_opts: dict[str, Any] = dict(name=names.supervisor(name), namespace=NAMESPACE, num_cpus=0, max_restarts=-1)
@@ -211,14 +212,39 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
             ray.get(supervisor.status.remote())
             progress("supervisor running")
     except BaseException:
+        # NOTE: the supervisor first: it restarts when killed and would re-create the routers and groups.
+        if supervisor is not None:
+            _remove_supervisor(supervisor, name)
         for actor in routers + groups:
             ray.kill(actor)
+        _kill_named(name)  # what the supervisor made meanwhile
         raise
     dep = Deployment(name=name, spec=spec, config=cfg, groups=groups, routers=routers, table=table, device=device)
     dep.supervisor = supervisor
     dep.gateway_addresses = [s["gateway"] for s in started if s.get("gateway")]
     dep.metrics_addresses = [s["metrics"] for s in started if s.get("metrics")]
     return dep
+
+
+def _remove_supervisor(supervisor: Any, name: str) -> None:
+    """Stop deployment `name`'s supervisor (it deletes its saved state), end it for good and delete
+    the state should it not have answered."""
+    try:
+        ray.get(supervisor.stop.remote(), timeout=60)
+    except Exception as e:
+        log.info("supervisor stop: %s", e)
+    ray.kill(supervisor, no_restart=True)
+    internal_kv._internal_kv_del(state_key(name), namespace=KV_NAMESPACE)
+
+
+def _kill_named(name: str) -> None:
+    """Kill every actor of deployment `name` by its name (those the supervisor made included)."""
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{name}-"):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
+            except Exception:
+                pass
 
 
 def _gateway_config(cfg: ServiceConfig, index: int) -> GatewayConfig | None:
@@ -248,6 +274,10 @@ class Deployment:
         self.gateway_addresses: list[str] = []
         self.metrics_addresses: list[str] = []
         self.supervisor: Any = None
+        # the expert groups serving as last known ({name, node_id, slots}) and handles by name (see `_serving`)
+        self._views: list[dict[str, Any]] = [{"name": g.name, "node_id": g.node_id, "slots": [list(x) for x in table.placement[i]]}
+                                             for i, g in enumerate(table.groups)]
+        self._handles: dict[str, Any] = {g.name: h for g, h in zip(table.groups, groups)}
 
     def submit(self, hidden_states: torch.Tensor | np.ndarray, layer: int, token_ids: Any = None,
                return_routing: bool = False, request_id: str = "") -> ray.ObjectRef:
@@ -326,11 +356,13 @@ class Deployment:
         return False
 
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        supervisor = self._supervisor_status(timeout)
         groups = []
-        for i, g in enumerate(self.groups):
-            entry: dict[str, Any] = {"name": self.table.groups[i].name, "node_id": self.table.groups[i].node_id,
-                                     "slots": [list(s) for s in self.table.placement[i]], "device": self.device}
+        for view, g in self._serving(supervisor):
+            entry: dict[str, Any] = {**view, "device": self.device}
             try:
+                if g is None:
+                    raise ValueError(f"no actor named {view['name']}")
                 entry.update(alive=True, **ray.get(g.stats.remote(), timeout=timeout))
             except Exception as e:
                 entry.update(alive=False, error=str(e))
@@ -341,21 +373,18 @@ class Deployment:
                 routers.append({"alive": True, **ray.get(r.status.remote(), timeout=timeout)})
             except Exception as e:
                 routers.append({"alive": False, "error": str(e)})
-        supervisor = None
-        if self.supervisor is not None:
-            try:
-                supervisor = ray.get(self.supervisor.status.remote(), timeout=timeout)
-            except Exception as e:
-                supervisor = {"alive": False, "error": str(e)}
         version = max([self.table.version] + [r.get("routing_table_version", 0) for r in routers])
         return {"name": self.name, "model": self.spec.family, "device": self.device,
                 "routing_table_version": version, "groups": groups, "routers": routers, "supervisor": supervisor}
 
     def health(self, timeout: float = 10.0) -> bool:
-        """True when every router answers and every expert group answers healthy (a group one of whose
-        batches computed past `compute_timeout_s` answers False)."""
+        """True when every router answers and every expert group now serving answers healthy (a group
+        one of whose batches computed past `compute_timeout_s` answers False)."""
         try:
-            answers = ray.get([r.status.remote() for r in self.routers] + [g.ping.remote() for g in self.groups], timeout=timeout)
+            groups = [g for _, g in self._serving(self._supervisor_status(timeout))]
+            if any(g is None for g in groups):
+                return False
+            answers = ray.get([r.status.remote() for r in self.routers] + [g.ping.remote() for g in groups], timeout=timeout)
             return all(ok is True for ok in answers[len(self.routers):])
         except Exception:
             return False
@@ -367,16 +396,38 @@ class Deployment:
         names = ray.get(self.supervisor.status.remote(), timeout=30)["groups"]
         return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
 
+    def _supervisor_status(self, timeout: float) -> dict[str, Any] | None:
+        """The supervisor's status; {"alive": False, "error": ...} when it does not answer; None without one."""
+        if self.supervisor is None:
+            return None
+        try:
+            return ray.get(self.supervisor.status.remote(), timeout=timeout)
+        except Exception as e:
+            return {"alive": False, "error": str(e)}
+
+    def _serving(self, supervisor: dict[str, Any] | None) -> list[tuple[dict[str, Any], Any]]:
+        """({name, node_id, slots}, handle or None) of every expert group now serving.
+
+        NOTE: the supervisor replaces, adds and removes groups, so its answer is the truth; while it
+        does not answer (restarting) the last answer stands, and without a supervisor the deployed groups.
+        """
+        if supervisor is not None and "group_info" in supervisor:
+            self._views = [{"name": i["name"], "node_id": i["node_id"], "slots": i["slots"]} for i in supervisor["group_info"]]
+        out = []
+        for view in self._views:
+            handle = self._handles.get(view["name"])
+            if handle is None:
+                with contextlib.suppress(ValueError):
+                    handle = self._handles[view["name"]] = ray.get_actor(view["name"], namespace=NAMESPACE)
+            out.append((view, handle))
+        return out
+
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
         if self.supervisor is not None:
-            try:
-                ray.get(self.supervisor.stop.remote(), timeout=60)
-            except Exception as e:
-                log.info("supervisor stop: %s", e)
-            ray.kill(self.supervisor, no_restart=True)
+            _remove_supervisor(self.supervisor, self.name)
         for r in self.routers:
             try:
                 ray.get(r.shutdown.remote(), timeout=10)
@@ -392,12 +443,7 @@ class Deployment:
                 ray.kill(actor)
             except Exception:
                 pass
-        for entry in ray.util.list_named_actors(all_namespaces=True):  # replacements the supervisor made
-            if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{self.name}-"):
-                try:
-                    ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
-                except Exception:
-                    pass
+        _kill_named(self.name)  # replacements the supervisor made
         if self.started_ray:
             ray.shutdown()
 

@@ -6,7 +6,8 @@ Legend: E logical experts of one layer, P physical slots (P >= E), G groups, S =
    per-replica load is highest now (load / replicas), never more replicas than groups.
 2. `balanced_packing`: deal the P physical experts, heaviest first, each to the lightest
    group that still has room and does not already hold a copy of the same expert (so a
-   group's loss never takes every replica of an expert).
+   group's loss never takes every replica of an expert), skipping a group that would leave
+   too little room for the experts still to come (groups never exceed ceil(P / G)).
 3. `rebalance`: both, for one layer, over every replica budget -> which experts each group hosts.
 
 Online (the supervisor, every tick, with observed per-slot rates): `desired_replicas` (hot
@@ -63,25 +64,68 @@ def balanced_packing(load_E: torch.Tensor, counts_E: torch.Tensor, num_groups: i
     """Pack every replica (carrying load / count of its expert) into `num_groups` groups of equal size.
 
     Heaviest replica first, into the lightest group with room that holds no copy of the
-    same expert. Group capacity = ceil(P / G).
+    same expert. Group capacity = ceil(P / G); no group ever exceeds it.
+
+    NOTE: the copies of one expert weigh the same, so they are dealt together, each to a
+    distinct group. Lightest-first alone can paint itself into a corner (the groups left
+    with room too few for a later expert's copies), so a group is taken only when the
+    experts still to come can be packed into what room is left (`_packable`); a packing
+    always exists when no expert has more copies than there are groups.
     """
+    e = load_E.numel()
     total = int(counts_E.sum())
     per_group = -(-total // num_groups)
     if int(counts_E.max()) > num_groups:
         raise ValueError(f"an expert has {int(counts_E.max())} replicas but there are only {num_groups} groups")
     share = load_E.to(torch.float64).clamp_min(0) / counts_E
-    items = sorted(((float(share[x]), x) for x in range(load_E.numel()) for _ in range(int(counts_E[x]))),
-                   key=lambda t: (-t[0], t[1]))
+    order = sorted(range(e), key=lambda x: (-float(share[x]), x))
     groups: list[list[int]] = [[] for _ in range(num_groups)]
     loads = [0.0] * num_groups
-    for w, x in items:
-        open_groups = [g for g in range(num_groups) if len(groups[g]) < per_group and x not in groups[g]]
-        if not open_groups:  # only when distinctness and equal sizes conflict; relax the size
-            open_groups = [g for g in range(num_groups) if x not in groups[g]]
-        g = min(open_groups, key=lambda g: (loads[g], len(groups[g]), g))
-        groups[g].append(x)
-        loads[g] += w
+    # spread[m]: how many copies the experts not dealt yet can put in m groups (one per group each)
+    spread = [sum(min(int(c), m) for c in counts_E.tolist()) for m in range(num_groups + 1)]
+    for x in order:
+        copies = int(counts_E[x])
+        spread = [f - min(copies, m) for m, f in enumerate(spread)]
+        room = [per_group - len(gr) for gr in groups]
+        chosen: list[int] = []
+        for g in sorted(range(num_groups), key=lambda g: (loads[g], len(groups[g]), g)):
+            if len(chosen) == copies:
+                break
+            if room[g] > 0 and _packable(room, chosen + [g], copies, spread):
+                chosen.append(g)
+        assert len(chosen) == copies, "a packing exists whenever every expert has at most num_groups copies"
+        for g in chosen:
+            groups[g].append(x)
+            loads[g] += float(share[x])
     return Packing(groups=tuple(tuple(sorted(gr)) for gr in groups), group_load=tuple(loads))
+
+
+def _packable(room: Sequence[int], taken: Sequence[int], copies: int, spread: Sequence[int]) -> bool:
+    """Can one expert's `copies` go to distinct groups including `taken`, and the experts after it
+    still be packed into the room left? `spread[m]` = sum(min(c, m)) over their copy counts c.
+
+    The expert's other copies go to the roomiest groups (that choice leaves the most options).
+    The rest fit iff, for every k, the k smallest rooms plus spread[G - k] cover spread[G] (all
+    their copies): the min-cut condition of the experts x groups flow network in which an
+    expert puts at most one copy in a group.
+    """
+    left = list(room)
+    for g in taken:
+        left[g] -= 1
+    others = sorted((g for g in range(len(left)) if g not in taken and left[g] > 0), key=lambda g: -left[g])
+    if len(others) < copies - len(taken):
+        return False
+    for g in others[:copies - len(taken)]:
+        left[g] -= 1
+    left.sort()
+    g_count = len(left)
+    cut = 0
+    for k in range(g_count + 1):
+        if cut + spread[g_count - k] < spread[g_count]:
+            return False
+        if k < g_count:
+            cut += left[k]
+    return True
 
 
 def rebalance(load_E: torch.Tensor, num_groups: int, slots_per_group: int) -> Packing:

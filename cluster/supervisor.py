@@ -26,6 +26,7 @@ supervisor resumes from it; routers keep serving while it is down. Rates live in
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import re
@@ -48,6 +49,11 @@ from router_svc.table import GroupRef, RoutingTable
 log = logging.getLogger(__name__)
 KV_NAMESPACE = "moe-serve"
 Slot = tuple[int, int]
+
+
+def state_key(name: str) -> str:
+    """The GCS KV key (namespace KV_NAMESPACE) of deployment `name`'s supervisor state."""
+    return f"supervisor:{name}"
 
 
 def _slots(raw: Sequence[Sequence[int]]) -> list[Slot]:
@@ -76,6 +82,8 @@ class Supervisor:
         # how to re-create router i (Ray options and constructor arguments, table and groups aside)
         self.router_specs = list(router_specs)
         self._lock = threading.RLock()
+        self._kv_lock = threading.Lock()  # orders `_save` against `stop`'s delete
+        self._stop = threading.Event()
         loaded = self._load()
         self.state: dict[str, Any] = loaded or {
             "placement": [[list(s) for s in slots] for slots in placement],
@@ -108,20 +116,23 @@ class Supervisor:
         self._shares: list[list[float]] | None = self.state.get("shares")
         # NOTE: the loop runs on its own thread, started here, so a supervisor that Ray
         # restarts (max_restarts=-1) resumes reconciling without anyone calling it.
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         self._thread.start()
 
     # -- persistence --------------------------------------------------------
     def _key(self) -> str:
-        return f"supervisor:{self.name}"
+        return state_key(self.name)
 
     def _load(self) -> dict[str, Any] | None:
         raw = internal_kv._internal_kv_get(self._key(), namespace=KV_NAMESPACE)
         return None if raw is None else msgpack.unpackb(raw, raw=False)
 
     def _save(self) -> None:
-        internal_kv._internal_kv_put(self._key(), msgpack.packb(self.state, use_bin_type=True), overwrite=True, namespace=KV_NAMESPACE)
+        # NOTE: a tick that outlives `stop` (its join timed out) must not write back the state `stop` deleted.
+        with self._kv_lock:
+            if not self._stop.is_set():
+                internal_kv._internal_kv_put(self._key(), msgpack.packb(self.state, use_bin_type=True), overwrite=True,
+                                             namespace=KV_NAMESPACE)
 
     def _event(self, kind: str, **detail: Any) -> None:
         self.state["events"] = (self.state["events"] + [{"kind": kind, "at": time.time(), "version": self.state["version"], **detail}])[-100:]
@@ -152,6 +163,7 @@ class Supervisor:
         with self._lock:
             replaced = self._heal_groups()
             reports = self._heal_routers()
+            self._sync_routers(reports)
             self._settle_pending()
             now = time.monotonic()
             if now - self._last_rebalance >= self.policy.rebalance_period_s:
@@ -221,9 +233,6 @@ class Supervisor:
         self._handles.pop(old, None)
         if stale is not None:
             ray.kill(stale)
-        m = re.match(r"^(.*)-r(\d+)$", old)
-        base, gen = (m.group(1), int(m.group(2)) + 1) if m else (old, 1)
-        new_name = f"{base}-r{gen}"
         # NOTE: away from the nodes of groups holding copies of the same slots (and from the dead one's).
         placement = self._placement()
         mine = set(placement[index])
@@ -231,13 +240,41 @@ class Supervisor:
         if self._table is not None and len(self._table.groups) == len(placement):
             avoid = {self._table.groups[g].node_id for g, p in enumerate(placement) if g != index and mine & set(p)}
             avoid.add(self._table.groups[index].node_id)
-        actor = self._new_group(new_name, placement[index], avoid)
-        ray.get(actor.info.remote(), timeout=300)
+        new_name, actor = self._replacement(old, placement[index], avoid)
         self.state["groups"][index] = new_name
         self._handles[new_name] = actor
         # copies being drained from the dead group are gone with it
         self.state["draining"] = [d for d in self.state["draining"] if d["group"] != old]
         log.warning("expert group %s replaced by %s", old, new_name)
+
+    def _replacement(self, old: str, slots: Sequence[Slot], avoid: set[str]) -> tuple[str, Any]:
+        """A live group named `<old>-r<n>` hosting `slots`: a new one, or the one a predecessor made.
+
+        NOTE: the name is saved only with the table that names it, so a supervisor that died while
+        its replacement started left that actor (detached) under the name a restarted supervisor
+        derives again from the saved state: it is adopted (given `slots`) if it answers, else
+        killed and the next name tried; creating it again would fail on every tick (name taken).
+        """
+        m = re.match(r"^(.*)-r(\d+)$", old)
+        base, gen = (m.group(1), int(m.group(2)) + 1) if m else (old, 1)
+        for n in itertools.count(gen):
+            name = f"{base}-r{n}"
+            found = self._actor(name)
+            if found is None:
+                actor = self._new_group(name, slots, avoid)
+                ray.get(actor.info.remote(), timeout=300)
+                return name, actor
+            self._handles.pop(name, None)
+            try:
+                ray.get(found.info.remote(), timeout=300)
+                ray.get(found.set_slots.remote(list(slots)), timeout=300)
+            except Exception as e:
+                log.warning("group %s left by a previous supervisor does not answer (%r): killed", name, e)
+                ray.kill(found, no_restart=True)
+                continue
+            log.warning("group %s left by a previous supervisor adopted", name)
+            return name, found
+        raise AssertionError("unreachable")
 
     # -- routers ---------------------------------------------------------------
     def _heal_routers(self) -> dict[str, dict[str, Any]]:
@@ -268,6 +305,26 @@ class Supervisor:
             self._event("router_restart", router=rname, recovery_s=time.monotonic() - t0)
             self._save()
         return reports
+
+    def _sync_routers(self, reports: dict[str, dict[str, Any]]) -> None:
+        """Every router holds the current table version. A router ahead of it (a supervisor that died
+        between sending a version and saving it) makes the next version start above the router's;
+        a router behind it (died between saving and sending, or the router did not take it) gets it."""
+        ahead = max((int(r["version"]) for r in reports.values()), default=0)
+        if ahead > self.state["version"]:
+            self._event("version_resync", saved=self.state["version"], routers=ahead)
+            self.state["version"] = ahead
+            self._publish("resync")
+            return
+        behind = [rname for rname, r in reports.items() if int(r["version"]) < self.state["version"]]
+        if not behind:
+            return
+        table, handles = self._current_table()
+        for rname in behind:
+            try:
+                ray.get(self._actor(rname).update_table.remote(table, handles), timeout=60)
+            except Exception as e:
+                log.warning("router %s did not take table v%d: %s", rname, table.version, e)
 
     def _restart_router(self, index: int, rname: str) -> None:
         from router_svc.router import Router
@@ -415,10 +472,12 @@ class Supervisor:
         if want > n:
             name = names.group(self.name, self.state["next_group"])
             self.state["next_group"] += 1
-            self._handles[name] = self._new_group(name, [])
             self.state["pending"].append({"group": name, "since": time.time(), "requested": False})
             self._event("group_requested", group=name, rate=total, groups=n + 1)
+            # NOTE: saved before the actor exists, so a supervisor restarted in between finds the name
+            # pending (`_settle_pending` takes the actor or makes it) instead of making it again.
             self._save()
+            self._handles[name] = self._new_group(name, [])
             return False
         # down: the newest group the autoscaler added
         scaled = [i for i, s in enumerate(self.state["scaled"]) if s]
@@ -553,6 +612,10 @@ class Supervisor:
 
     def _publish(self, why: str) -> None:
         self.state["version"] += 1
+        # NOTE: saved before any router takes it: routers drop a version <= theirs, so a supervisor
+        # restarted after sending an unsaved version would publish it again in vain. Routers still
+        # behind (it died before sending) are caught up by `_sync_routers`.
+        self._save()
         self._table = None
         table, handles = self._current_table()
         for rname in self.state["routers"]:
@@ -563,7 +626,6 @@ class Supervisor:
                 ray.get(router.update_table.remote(table, handles), timeout=60)
             except Exception as e:
                 log.warning("router %s did not take table v%d: %s", rname, table.version, e)
-        self._save()
 
     # -- admin -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -588,7 +650,9 @@ class Supervisor:
                     "retiring": [dict(r) for r in self.state["retiring"]], "routers": list(self.state["routers"]),
                     "restarts": self.state["restarts"], "placement": [[list(s) for s in p] for p in placement]}
 
-    def stop(self) -> None:
+    def stop(self, join_timeout_s: float = 30.0) -> None:
+        """End the loop (waiting up to `join_timeout_s` for a tick in progress) and delete the saved state."""
         self._stop.set()
-        self._thread.join(timeout=30)
-        internal_kv._internal_kv_del(self._key(), namespace=KV_NAMESPACE)
+        self._thread.join(timeout=join_timeout_s)
+        with self._kv_lock:
+            internal_kv._internal_kv_del(self._key(), namespace=KV_NAMESPACE)

@@ -212,13 +212,15 @@ def test_path_that_does_not_exist(tmp_path: Path) -> None:
         ("batch_max_tokens", 0, "an integer >= 1"),
         ("shared_experts", "nowhere", "one of ("),
         ("name", "has space", "letters, digits"),
-        ("group_cpus", -1, "a number >= 0"),
+        ("group_cpus", -1, "a finite number >= 0"),
+        ("group_cpus", float("inf"), "a finite number >= 0"),
         ("huge_pages", "yes", "a bool"),
         ("huge_pages", 1, "a bool"),
-        ("compute_timeout_s", 0, "a number of seconds > 0"),
-        ("compute_timeout_s", -1.5, "a number of seconds > 0"),
-        ("compute_timeout_s", "30", "a number of seconds > 0"),
-        ("compute_timeout_s", True, "a number of seconds > 0"),
+        ("compute_timeout_s", 0, "a finite number of seconds > 0"),
+        ("compute_timeout_s", -1.5, "a finite number of seconds > 0"),
+        ("compute_timeout_s", "30", "a finite number of seconds > 0"),
+        ("compute_timeout_s", True, "a finite number of seconds > 0"),
+        ("compute_timeout_s", float("inf"), "a finite number of seconds > 0"),
     ],
 )
 def test_bad_deployment_values(key: str, value: Any, expected: str) -> None:
@@ -312,3 +314,50 @@ def test_deployment_settings_direct() -> None:
     # the dataclass validates on its own, too (not only through load_config)
     with pytest.raises(ConfigError, match=re.escape("config field 'deployment.expert_groups' = 0")):
         DeploymentSettings(expert_groups=0)
+
+
+# a period of 0 spins the supervisor's loop; inf overflows Event.wait / ray.get timeouts
+PERIODS = ("supervisor_period_s", "rebalance_period_s", "load_window_s")
+DELAYS = ("replica_down_delay_s", "scale_up_delay_s", "scale_down_delay_s", "place_timeout_s", "drain_timeout_s")
+
+
+@pytest.mark.parametrize("key", PERIODS + DELAYS + ("hot_threshold", "target_group_tokens_per_s", "hot_replica_min_rate",
+                                                     "router_cpus"))
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_times_and_rates_must_be_finite(key: str, value: float) -> None:
+    err = bad(with_(MINIMAL, "deployment", **{key: value}), f"deployment.{key}", "a finite number")
+    assert err.value == value or (value != value and err.value != err.value)
+
+
+@pytest.mark.parametrize("key", PERIODS)
+def test_periods_must_be_above_zero(key: str) -> None:
+    bad(with_(MINIMAL, "deployment", **{key: 0}), f"deployment.{key}", "a finite number > 0")
+    assert getattr(load_config(with_(MINIMAL, "deployment", **{key: 0.01})).deployment, key) == 0.01
+
+
+@pytest.mark.parametrize("key", DELAYS)
+def test_delays_may_be_zero(key: str) -> None:
+    assert getattr(load_config(with_(MINIMAL, "deployment", **{key: 0})).deployment, key) == 0
+
+
+@pytest.mark.parametrize("section, key", [("gateway", "port"), ("telemetry", "prometheus_port")])
+def test_ports_of_the_last_router_must_exist(section: str, key: str) -> None:
+    # router i serves port + i: 3 routers from 65534 would need 65536, which grpc / the metrics server bind as any free port
+    cfg = with_(with_(MINIMAL, "deployment", routers=3), section, **{key: 65534})
+    err = bad(cfg, f"{section}.{key}", "at most 65533 with deployment.routers=3")
+    assert err.value == 65534
+    assert getattr(getattr(load_config(with_(cfg, section, **{key: 65533})), section), key) == 65533
+    assert getattr(getattr(load_config(with_(cfg, section, **{key: 0})), section), key) == 0  # any free port, per router
+
+
+def test_disabled_gateway_port_is_not_checked_against_routers() -> None:
+    cfg = load_config(with_(with_(MINIMAL, "deployment", routers=3), "gateway", enabled=False, port=65535))
+    assert cfg.gateway.port == 65535
+
+
+def test_queue_bound_below_the_request_limit() -> None:
+    # requests between the two limits could never be admitted: refused as back-pressure however idle the router
+    err = bad(with_(MINIMAL, "gateway", max_tokens_per_request=100, max_queued_tokens=99), "gateway.max_queued_tokens",
+              "at least max_tokens_per_request=100")
+    assert err.value == 99
+    assert load_config(with_(MINIMAL, "gateway", max_tokens_per_request=100, max_queued_tokens=100)).gateway.max_queued_tokens == 100

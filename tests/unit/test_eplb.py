@@ -66,3 +66,33 @@ def test_invariants(loads: list[float], groups: int, extra: int) -> None:
     flat = balanced_packing(load, torch.ones(e, dtype=torch.int64), groups) if e >= groups else None
     if flat is not None and max(flat.group_load) > 0:
         assert max(p.group_load) <= max(flat.group_load) + 1e-6 * max(flat.group_load)
+
+
+def test_packing_never_overfills_a_group_when_an_equal_packing_exists() -> None:
+    # lightest-first put expert 4's three copies on 3 groups after 0 and 2 had left one group full:
+    # sizes [3, 5, 4] against a limit of 4, though [4, 4, 4] exists
+    counts = torch.tensor([3, 1, 2, 2, 3, 1])
+    p = balanced_packing(torch.tensor([17.0, 5, 10, 5, 4, 20]), counts, 3)
+    assert [len(g) for g in p.groups] == [4, 4, 4]
+    assert torch.bincount(torch.tensor([x for g in p.groups for x in g]), minlength=6).tolist() == counts.tolist()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    groups=st.integers(min_value=1, max_value=8),
+    data=st.data(),
+)
+def test_packing_invariants_over_random_counts(groups: int, data: st.DataObject) -> None:
+    """Any counts with at most `groups` copies per expert pack into groups of at most ceil(P / G)
+    slots, each holding distinct experts, every copy placed and every load accounted for."""
+    counts = data.draw(st.lists(st.integers(min_value=1, max_value=groups), min_size=1, max_size=16), label="counts")
+    loads = data.draw(st.lists(st.one_of(st.just(0.0), st.floats(min_value=0, max_value=1e3, allow_nan=False)),
+                               min_size=len(counts), max_size=len(counts)), label="loads")
+    counts_E, load_E = torch.tensor(counts), torch.tensor(loads, dtype=torch.float64)
+    p = balanced_packing(load_E, counts_E, groups)
+    limit = -(-sum(counts) // groups)
+    assert all(len(g) <= limit for g in p.groups), [len(g) for g in p.groups]
+    assert all(len(set(g)) == len(g) for g in p.groups), "no group holds two copies of one expert"
+    hosted = torch.bincount(torch.tensor([x for g in p.groups for x in g], dtype=torch.int64), minlength=len(counts))
+    assert hosted.tolist() == counts
+    assert sum(p.group_load) == pytest.approx(float(load_E.sum()), rel=1e-9, abs=1e-9)
