@@ -132,7 +132,9 @@ def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, workers: int
                 reply = encode_frame({"error": {"code": code.name, "message": message}, "seq": _seq_of(request)})
             yield reply
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    # NOTE: an open stream holds one of the `workers` threads for as long as it is open: calls past that
+    # are refused (RESOURCE_EXHAUSTED; the router falls back) rather than queued behind streams that may never end.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=workers)
     rpc = grpc.unary_unary_rpc_method_handler(forward, request_deserializer=None, response_serializer=None)
     stream = grpc.stream_stream_rpc_method_handler(forward_stream, request_deserializer=None, response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Forward": rpc, "ForwardStream": stream}),))

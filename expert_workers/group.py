@@ -38,6 +38,10 @@ LONGEST_FACTOR = 4.0
 CONCURRENCY_GROUPS = {"control": 2, "admin": 1}
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def local_order(experts: Sequence[int]) -> list[int]:
     """A group's slot order within one layer: routed experts ascending, the shared slot last."""
     routed = sorted(e for e in experts if e != SHARED)
@@ -63,7 +67,6 @@ class GroupCore:
         # NOTE: one batch computes at a time whichever transport brought it (actor thread, gRPC
         # server threads): overlapping batches would only split the group's torch threads.
         self._compute = threading.Lock()
-        self._weights: dict[tuple[int, int], Any] = {}
         self.layers: dict[int, _LayerSlots] = {}
         self.slots: list[tuple[int, int]] = []
         self.tokens: dict[tuple[int, int], int] = {}
@@ -79,12 +82,16 @@ class GroupCore:
     def _layer(self, layer: int, experts: Sequence[int]) -> _LayerSlots:
         order = local_order(experts)
         routed = [e for e in order if e != SHARED]
+        bad = [e for e in routed if not 0 <= e < self.spec.num_experts]
+        if layer not in self.spec.is_moe_layer or bad:
+            raise ConfigError(field="slots", value=[(layer, e) for e in (bad or routed)],
+                              expected=f"slots of MoE layers {list(self.spec.moe_layers)}, experts in [0, {self.spec.num_experts}) or {SHARED} (shared)")
         grouped = None
         if routed:
-            for e in routed:
-                if (layer, e) not in self._weights:
-                    self._weights[(layer, e)] = self._src.expert(layer, e).to(dtype=self.dtype, device=self.device)
-            grouped = GroupedExperts([self._weights[(layer, e)] for e in routed], activation=self.spec.activation, gated=self.spec.gated)
+            # NOTE: read from the source each time a layer is built, not kept: the grouped compute holds
+            # its own (packed or stacked) copy, and a second one here would double the group's memory.
+            grouped = GroupedExperts([self._src.expert(layer, e).to(dtype=self.dtype, device=self.device) for e in routed],
+                                     activation=self.spec.activation, gated=self.spec.gated)
         shared = None
         if SHARED in order:
             sw = self._src.shared(layer)
@@ -103,42 +110,51 @@ class GroupCore:
         for layer, expert in slots:
             if int(expert) not in by_layer.setdefault(int(layer), []):
                 by_layer[int(layer)].append(int(expert))
+        # NOTE: every changed layer is built before any is swapped in: one that fails leaves the group as it was.
         built = {layer: self._layer(layer, experts) for layer, experts in sorted(by_layer.items())
                  if layer not in self.layers or sorted(self.layers[layer].experts) != sorted(local_order(experts))}
         with self._compute:
             layers = {layer: built.get(layer) or self.layers[layer] for layer in sorted(by_layer)}
             self.layers = layers
             self.slots = [(layer, e) for layer, ls in layers.items() for e in ls.experts]
-            keep = set(self.slots)
-            self._weights = {k: w for k, w in self._weights.items() if k in keep}
             with self._lock:
                 self.tokens = {slot: self.tokens.get(slot, 0) for slot in self.slots}
         return list(self.slots)
 
     def compute(self, layer: int, experts: Sequence[int], counts: Sequence[int], x_ND: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by this group's slot order -> FFN outputs (N, D), same order and dtype as x."""
-        ls = self.layers.get(layer)
-        if ls is None:
-            raise InvalidRequestError(field="layer", problem=f"this group hosts no slot of layer {layer}")
+        """Rows sorted by this group's slot order -> FFN outputs (N, D), same order and dtype as x.
+
+        `layer`, `experts` and `counts` must be integers (a frame's msgpack header may carry anything:
+        a count of 1.5 would pass a sum check and shift rows onto the next slot)."""
+        if not _is_int(layer):
+            raise InvalidRequestError(field="layer", problem=f"{layer!r} is not an integer")
+        for field, values in (("experts", experts), ("counts", counts)):
+            if not isinstance(values, (list, tuple)) or not all(_is_int(v) for v in values):
+                raise InvalidRequestError(field=field, problem=f"{values!r} is not a list of integers")
         if x_ND.dim() != 2 or x_ND.shape[1] != self.spec.hidden_size:
             raise InvalidRequestError(field="rows", problem=f"shape {tuple(x_ND.shape)}; expected (rows, {self.spec.hidden_size})")
-        if any(int(c) < 0 for c in counts):
+        if any(c < 0 for c in counts):
             raise InvalidRequestError(field="counts", problem=f"negative count in {list(counts)}")
         if len(experts) != len(counts) or sum(counts) != x_ND.shape[0]:
             raise InvalidRequestError(field="counts", problem=f"{len(experts)} experts, counts {list(counts)} for {x_ND.shape[0]} rows")
-        pos = {e: i for i, e in enumerate(ls.experts)}
-        missing = [e for e in experts if e not in pos]
-        if missing:
-            raise InvalidRequestError(field="experts", problem=f"layer {layer} experts {missing} are not hosted here (hosted: {ls.experts})")
-        idx = [pos[e] for e in experts]
-        if idx != sorted(idx) or len(set(idx)) != len(idx):
-            raise InvalidRequestError(field="experts", problem=f"experts {list(experts)} not in slot order {ls.experts}")
-        n_routed = len(ls.experts) - (1 if ls.shared is not None else 0)
-        full = [0] * len(ls.experts)
-        for i, c in zip(idx, counts):
-            full[i] = int(c)
-        split = sum(full[:n_routed])
         with self._compute, torch.no_grad():
+            # NOTE: the layer is read under the compute lock: a batch naming slots `set_slots` has just
+            # removed is refused, never computed after it returned.
+            ls = self.layers.get(layer)
+            if ls is None:
+                raise InvalidRequestError(field="layer", problem=f"this group hosts no slot of layer {layer}")
+            pos = {e: i for i, e in enumerate(ls.experts)}
+            missing = [e for e in experts if e not in pos]
+            if missing:
+                raise InvalidRequestError(field="experts", problem=f"layer {layer} experts {missing} are not hosted here (hosted: {ls.experts})")
+            idx = [pos[e] for e in experts]
+            if idx != sorted(idx) or len(set(idx)) != len(idx):
+                raise InvalidRequestError(field="experts", problem=f"experts {list(experts)} not in slot order {ls.experts}")
+            n_routed = len(ls.experts) - (1 if ls.shared is not None else 0)
+            full = [0] * len(ls.experts)
+            for i, c in zip(idx, counts):
+                full[i] = c
+            split = sum(full[:n_routed])
             t0 = time.perf_counter()
             self._computing_since = time.monotonic()
             try:
@@ -157,7 +173,8 @@ class GroupCore:
             dt = time.perf_counter() - t0
         with self._lock:
             for e, c in zip(experts, counts):
-                self.tokens[(layer, e)] = self.tokens.get((layer, e), 0) + int(c)
+                if (layer, e) in self.tokens:  # not a slot set_slots removed meanwhile
+                    self.tokens[(layer, e)] += c
             self.busy_s += dt
             self.batches += 1
             if dt <= self.limit_s():  # one that ran past it was taken for hung: not an honest length
@@ -322,10 +339,14 @@ class ExpertGroup:
             dtype, shape, layer, experts, counts = (header[k] for k in ("dtype", "shape", "layer", "experts", "counts"))
         except KeyError as e:
             raise InvalidRequestError(field="header", problem=f"missing key {e}") from None
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise InvalidRequestError(field="header", problem=f"dtype {dtype!r} and shape {shape!r}: expected a string and a list of integers")
+        if not _is_int(layer) or not isinstance(experts, list) or not isinstance(counts, list):
+            raise InvalidRequestError(field="header", problem=f"layer {layer!r}, experts {experts!r}, counts {counts!r}: expected an integer and two lists")
         x = wire.from_bytes(payload, dtype, shape)
         t0 = time.perf_counter()
-        with self._span(str(header.get("traceparent") or ""), int(layer), x.shape[0] if x.dim() else 0):
-            y = self.core.compute(int(layer), list(experts), list(counts), x)
+        with self._span(str(header.get("traceparent") or ""), layer, x.shape[0] if x.dim() else 0):
+            y = self.core.compute(layer, experts, counts, x)
         data, name, shape = wire.to_bytes(y)
         return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", []),
                 "compute_s": time.perf_counter() - t0}, data

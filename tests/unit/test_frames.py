@@ -254,3 +254,38 @@ def test_stream_answers_bad_frames_with_error_frames_and_carries_on(stream_call:
     failed = data_grpc.error_of(headers[3])
     assert failed is not None and (failed.code, failed.message) == ("INTERNAL", "RuntimeError: kaboom")
     assert data_grpc.error_of(headers[0]) is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"counts": [1.5, 1.5]},          # a float count would shift a row onto the next slot
+    {"counts": ["1", "2"]},
+    {"experts": 1},
+    {"layer": None},
+    {"layer": 0.9},
+    {"shape": 3},
+    {"dtype": ["float32"]},
+], ids=["float_counts", "string_counts", "int_experts", "null_layer", "float_layer", "int_shape", "list_dtype"])
+def test_expert_group_refuses_a_header_of_the_wrong_types_as_invalid_argument(bad: dict) -> None:
+    """An ExpertGroup's own data-plane handler (no Ray: the class as it is): wrong header types are the
+    sender's error (INVALID_ARGUMENT), never INTERNAL, and never computed."""
+    from expert_workers.group import ExpertGroup
+    from expert_workers.source import SourceSpec
+    from expert_workers.spec import MoESpec
+
+    spec = MoESpec(hidden_size=8, intermediate_size=4, num_experts=4, num_layers=1, moe_layers=(0,))
+    group = ExpertGroup("g", SourceSpec(random=spec, seed=1), [(0, 1), (0, 3)])
+    channel = grpc.insecure_channel(group.grpc_address, options=data_grpc.CHANNEL_OPTIONS)
+    try:
+        rpc = channel.unary_unary(data_grpc.METHOD, request_serializer=None, response_deserializer=None)
+        x = torch.ones(3, 8)
+        data, name, shape = wire.to_bytes(x)
+        good = {"dtype": name, "shape": list(shape), "layer": 0, "experts": [1, 3], "counts": [1, 2]}
+        with pytest.raises(grpc.RpcError) as info:
+            rpc(encode_frame({**good, **bad}, data), timeout=20)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert group.core.stats()["batches"] == 0
+        answer, _ = decode_frame(rpc(encode_frame(good, data), timeout=20))
+        assert answer["shape"] == [3, 8] and group.core.stats()["batches"] == 1
+    finally:
+        channel.close()
+        group.shutdown()

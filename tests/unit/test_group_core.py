@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 import pytest
 import torch
 
-from expert_workers.errors import InvalidRequestError
+from expert_workers import wire
+from expert_workers.errors import ConfigError, InvalidRequestError
 from expert_workers.group import SHARED, GroupCore, local_order
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec, SharedExpertSpec
@@ -224,6 +225,64 @@ def test_negative_counts_are_rejected() -> None:
     with pytest.raises(InvalidRequestError, match="counts"):
         core.compute(0, [1, 3], [3, -1], inputs(2))
     assert core.stats()["batches"] == 0
+
+
+@pytest.mark.parametrize("experts, counts, field", [
+    ([1, 3], [1.5, 1.5], "counts"),   # sums to 3 rows, and int() would make it [1, 1]: a row on the next slot
+    ([1, 3], ["1", "2"], "counts"),
+    ([1, 3], [True, 2], "counts"),
+    ([1.0, 3], [1, 2], "experts"),
+    ("13", [1, 2], "experts"),
+])
+def test_experts_and_counts_must_be_lists_of_integers(core: GroupCore, experts, counts, field: str) -> None:
+    with pytest.raises(InvalidRequestError, match=f"field '{field}'"):
+        core.compute(0, experts, counts, inputs(3))
+
+
+@pytest.mark.parametrize("layer", [0.9, "0", None, True])
+def test_layer_must_be_an_integer(core: GroupCore, layer) -> None:
+    with pytest.raises(InvalidRequestError, match="field 'layer'"):
+        core.compute(layer, [1], [1], inputs(1))
+
+
+@pytest.mark.parametrize("bad", [[(0, 6)], [(0, -3)], [(2, 1)], [(7, 0)]])
+def test_slots_outside_the_model_are_refused_and_the_group_stays_as_it_was(bad) -> None:
+    core = make_core()
+    before = list(core.slots)
+    with pytest.raises(ConfigError, match="slots"):
+        core.set_slots([(1, 4), (1, 1)] + bad)
+    assert core.slots == before and sorted(core.layers) == [0, 1] and core.layers[1].experts == ORDER1
+
+
+def test_a_set_slots_that_fails_on_one_layer_changes_no_layer() -> None:
+    plain = MoESpec(hidden_size=D, intermediate_size=I, num_experts=E, num_layers=2, moe_layers=(0, 1))
+    core = make_core([(0, 1)], spec=plain)
+    with pytest.raises(ConfigError, match="no shared experts"):
+        core.set_slots([(0, 2), (1, 3), (1, SHARED)])
+    assert core.slots == [(0, 1)] and list(core.layers) == [0]
+
+
+@pytest.mark.parametrize("impl_dtype", ["float32", "bfloat16"])
+def test_the_group_keeps_no_second_copy_of_its_weights(impl_dtype: str) -> None:
+    """The grouped compute holds its own (packed or stacked) copy; the tensors read from the source are
+    freed once it is built, or a group would hold its weights twice."""
+    import gc
+    import weakref
+
+    core = GroupCore(SourceSpec(random=SPEC, seed=SEED), [(0, 1)], device="cpu", dtype=impl_dtype)
+    read = []
+    real = core._src.expert
+
+    def watched(layer: int, expert: int) -> ExpertWeights:
+        w = real(layer, expert)
+        read.extend([weakref.ref(w.w_in), weakref.ref(w.w_out)])
+        return w
+
+    core._src.expert = watched
+    core.set_slots([(0, 1), (1, 0), (1, 4)])
+    gc.collect()
+    assert len(read) == 4 and all(r() is None for r in read)
+    assert core.compute(1, [0, 4], [2, 1], inputs(3).to(wire.DTYPES[impl_dtype])).shape == (3, D)
 
 
 def test_errors_leave_stats_untouched() -> None:
