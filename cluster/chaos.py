@@ -86,7 +86,8 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.wrong == 0 and self.sent == self.succeeded
+        """Traffic flowed (at least one request) and nothing was lost or wrong; a client that broke off is a failure."""
+        return self.sent > 0 and not self.failed and not self.errors and self.wrong == 0 and self.sent == self.succeeded
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -106,7 +107,11 @@ class ChaosReport:
         for f in self.faults:
             rec = f"{f.recovered_s:.2f}" if f.recovered_s is not None else "-"
             lines.append(f"{f.kind:<11} {f.at_s:>6.1f} {rec:>12}  {f.victim}{'  (' + f.error + ')' if f.error else ''}")
-        lines.append("PASS: nothing lost, every answer right" if self.ok else "FAIL: requests failed or answers were wrong")
+        lines.extend(f"client error: {e}" for e in self.errors)
+        if self.sent == 0:
+            lines.append("FAIL: no request was sent")
+        else:
+            lines.append("PASS: nothing lost, every answer right" if self.ok else "FAIL: requests failed or answers were wrong")
         return "\n".join(lines)
 
 
@@ -121,6 +126,15 @@ class _Sample:
 
 def _client(target: Target, plan: ChaosPlan, k: int, stop: threading.Event, t0: float, out: list[_Sample],
             report: ChaosReport, lock: threading.Lock) -> None:
+    try:
+        _load(target, plan, k, stop, t0, out, report, lock)
+    except Exception as e:  # a client that broke off (a bug, no gateway to call): the run fails, saying why
+        with lock:
+            report.errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+
+def _load(target: Target, plan: ChaosPlan, k: int, stop: threading.Event, t0: float, out: list[_Sample],
+          report: ChaosReport, lock: threading.Lock) -> None:
     ref = target.reference
     spec = ref.spec
     gen = torch.Generator().manual_seed(plan.seed * 1000 + k)

@@ -240,7 +240,7 @@ def _remove_supervisor(supervisor: Any, name: str) -> None:
 def _kill_named(name: str) -> None:
     """Kill every actor of deployment `name` by its name (those the supervisor made included)."""
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{name}-"):
+        if entry["namespace"] == NAMESPACE and names.owned_by(name, entry["name"]):
             try:
                 ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
             except Exception:

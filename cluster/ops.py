@@ -62,7 +62,9 @@ def _actor(name: str) -> Any:
 def _entries(name: str | None) -> list[tuple[str, dict[str, Any]]]:
     """The recorded deployment called `name`, or every recorded one; an unknown name is a LookupError."""
     out = []
-    for dname in [name] if name else registry.names():
+    if name is not None and not name:
+        raise LookupError("an empty deployment name; give one (see `moe-serve status`), or none for all")
+    for dname in [name] if name is not None else registry.names():
         entry = registry.lookup(dname)
         if entry is None:
             raise LookupError(f"no deployment named {dname!r}; known: {registry.names()}")
@@ -106,7 +108,7 @@ def down(address: str, name: str | None = None) -> list[str]:
                 except Exception:
                     pass
         leftovers = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["namespace"] == NAMESPACE and a["name"].startswith(f"{dname}-")]
+                     if a["namespace"] == NAMESPACE and names.owned_by(dname, a["name"])]
         for aname in leftovers:
             actor = _actor(aname)
             if actor is not None:

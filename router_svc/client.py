@@ -73,6 +73,7 @@ def _read(path: str | None) -> bytes | None:
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+MAX_MESSAGE = 256 << 20  # bytes of one request or answer on the client's channels, both ways
 _END = object()
 
 
@@ -94,6 +95,7 @@ class _Stream:
         self._waiting: dict[int, cf.Future] = {}
         self._lock = threading.Lock()
         self._seq = 0
+        self.answers = 0  # answers read so far (a stream that gives none while a request waits is hung)
         self.broken: _StreamFailed | None = None
         rpc = channel.stream_stream("/moe.v1.ExpertService/ForwardStream", request_serializer=pb.ForwardRequest.SerializeToString,
                                     response_deserializer=pb.ForwardStreamResponse.FromString)
@@ -115,21 +117,32 @@ class _Stream:
         with self._lock:
             self._waiting.pop(seq, None)
 
+    def give_up(self, why: str) -> None:
+        """The gateway stopped answering (a stopped or wedged router keeps the stream open): the stream is
+        broken, what waits on it is failed as UNAVAILABLE (retried elsewhere), and the next call opens another."""
+        self._fail(_StreamFailed(grpc.StatusCode.UNAVAILABLE, why))
+        self._call.cancel()
+
+    def _fail(self, failure: _StreamFailed) -> None:
+        with self._lock:
+            if self.broken is None:
+                self.broken = failure
+            waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            fut.set_exception(failure)
+
     def _read(self) -> None:
         failure = _StreamFailed(grpc.StatusCode.UNAVAILABLE, "the gateway ended the stream")
         try:
             for answer in self._call:
                 with self._lock:
                     fut = self._waiting.pop(answer.sequence, None)
+                    self.answers += 1
                 if fut is not None:
                     fut.set_result(answer)
         except grpc.RpcError as e:
             failure = _StreamFailed(e.code(), e.details() or "")
-        with self._lock:
-            self.broken = failure
-            waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
-            fut.set_exception(failure)
+        self._fail(failure)
 
     def close(self) -> None:
         self._requests.put(_END)
@@ -149,7 +162,7 @@ class MoEClient:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
-        opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
         if tls is not None:
             creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
             if tls.server_name:
@@ -163,6 +176,12 @@ class MoEClient:
         self._lock = threading.Lock()
         self.stream = stream
         self._stream: _Stream | None = None
+
+    def _pause(self, attempt: int, deadline: float) -> None:
+        """Bounded exponential backoff with jitter before the next attempt (none after the last)."""
+        if attempt < self.max_attempts - 1:
+            pause = min(self.backoff_s * (2**attempt), 1.0) * (0.5 + random.random() / 2)
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -179,8 +198,7 @@ class MoEClient:
                 if e.code() not in self.RETRYABLE:
                     raise _map_error(e) from None
                 last = e
-                pause = min(self.backoff_s * (2**attempt), 1.0) * (0.5 + random.random() / 2)
-                time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                self._pause(attempt, deadline)
         if last is None:
             raise RemoteError(code="DEADLINE_EXCEEDED", details="deadline passed before any attempt")
         raise _map_error(last)
@@ -197,6 +215,9 @@ class MoEClient:
     def _forward_call(self, request: pb.ForwardRequest, timeout: float | None) -> pb.ForwardResponse:
         if not self.stream:
             return self._call("Forward", request, timeout)
+        size = request.ByteSize()
+        if size > MAX_MESSAGE:  # refused here, for this caller alone: gRPC would fail the shared stream
+            raise RemoteError(code="RESOURCE_EXHAUSTED", details=f"a request of {size} bytes exceeds the message limit of {MAX_MESSAGE} bytes")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         last: _StreamFailed | None = None
         for attempt in range(self.max_attempts):
@@ -205,11 +226,14 @@ class MoEClient:
                 break
             stream = self._open_stream()
             try:
+                answers = stream.answers
                 seq, fut = stream.submit(request)
                 try:
                     answer = fut.result(timeout=remaining)
                 except cf.TimeoutError:
                     stream.forget(seq)
+                    if stream.answers == answers:  # not one answer while this waited: the gateway hangs
+                        stream.give_up(f"no answer on the stream within {remaining:.3g} s")
                     raise RemoteError(code="DEADLINE_EXCEEDED", details=f"no answer on the stream within {remaining:.3g} s") from None
                 if answer.code == 0:
                     return answer.response
@@ -218,8 +242,7 @@ class MoEClient:
                 if e.code not in self.RETRYABLE:
                     raise _map_status(e.code, e.details) from None
                 last = e
-                pause = min(self.backoff_s * (2**attempt), 1.0) * (0.5 + random.random() / 2)
-                time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                self._pause(attempt, deadline)
         if last is None:
             raise RemoteError(code="DEADLINE_EXCEEDED", details="deadline passed before any attempt")
         raise _map_status(last.code, last.details)

@@ -24,6 +24,12 @@ def supervisor(deployment: str) -> str:
     return f"{deployment}-supervisor"
 
 
+def owned_by(deployment: str, actor_name: str) -> bool:
+    """Whether `actor_name` is one of `deployment`'s actors: its supervisor, a router or a router's RDT
+    peer, an expert group or a group's replacement. Exact: deployment `a` owns nothing of `a-b`."""
+    return re.fullmatch(re.escape(deployment) + r"-(supervisor|router-\d+(-rdt-\d+)?|group-\d+(-r\d+)?)", actor_name) is not None
+
+
 def deployment_of_router(router_name: str) -> str | None:
     """`<deployment>-router-<i>` -> `<deployment>`; None for a name not of that form."""
     m = _ROUTER.fullmatch(router_name)

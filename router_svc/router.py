@@ -292,6 +292,8 @@ class Router:
     async def shutdown(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        for held in list(self._holding):  # requests waiting for a live replica end with the router
+            held.cancel()
         if self.gateway is not None:
             await self.gateway.stop()
         for t in self.transports.values():
@@ -379,13 +381,14 @@ class Router:
     async def _run_batch_in(self, layer: int, reqs: list[Pending], trace: str) -> None:
         try:
             t_start = time.perf_counter()
-            assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
+            try:
+                assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
+            except (Exception, asyncio.CancelledError) as e:
+                _settle(reqs, e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                return
             await self._serve(layer, reqs, assignments, trace, t_start, time.monotonic() + self.config.failover_wait_s)
-        except (Exception, asyncio.CancelledError) as e:
-            # NOTE: a batch run in its own task carries other callers' requests: they end too, not hang.
-            _settle(reqs, e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
         finally:
             self.batcher.done(layer)
 
@@ -393,7 +396,22 @@ class Router:
                      waited_until: float) -> None:
         """Plan, dispatch and answer gated requests. A request that needs an expert with no live replica
         never holds up the others: under failover 'fail' it fails alone; under 'wait' it waits apart
-        (`_hold`), outside the batcher's in-flight count, and the rest go now."""
+        (`_hold`), outside the batcher's in-flight count, and the rest go now.
+
+        Every request it still holds ends here, answered or with the error that ended the batch (a
+        cancellation cancels them); those handed to `_hold` are no longer its own.
+        NOTE: a batch run in its own task carries other callers' requests: they end too, not hang.
+        """
+        try:
+            await self._serve_owned(layer, reqs, assignments, trace, t_start, waited_until)
+        except (Exception, asyncio.CancelledError) as e:
+            _settle(reqs, e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def _serve_owned(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
+                           waited_until: float) -> None:
+        """`_serve`'s work; `reqs` and `assignments` are narrowed in place to the requests still its own."""
         m = self.metrics
         t_gate = time.perf_counter()
         retries = 0  # batches given up on dead groups; waits for a live replica do not count
@@ -409,16 +427,17 @@ class Router:
                     for i in stuck:
                         _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=e.experts[i], reason="no live replica (failover policy 'fail')"))
                 else:
-                    # NOTE: failover 'wait': held until the supervisor publishes a table with a live host.
+                    # NOTE: failover 'wait': held until the supervisor publishes a table with a live host. The
+                    # event is taken now, with the plan that found none: a change in the meantime wakes it.
                     held = asyncio.get_running_loop().create_task(
                         self._hold(layer, [reqs[i] for i in stuck], [assignments[i] for i in stuck], trace, t_start, waited_until,
-                                   [e.experts[i] for i in stuck]))
+                                   [e.experts[i] for i in stuck], self._table_changed))
                     self._holding.add(held)
                     held.add_done_callback(self._holding.discard)
                 go = [i for i in range(len(reqs)) if i not in e.experts]
-                if not go:
+                reqs[:], assignments[:] = [reqs[i] for i in go], [assignments[i] for i in go]
+                if not reqs:
                     return
-                reqs, assignments = [reqs[i] for i in go], [assignments[i] for i in go]
                 x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
                 continue
             self._planned[version] = self._planned.get(version, 0) + 1
@@ -471,7 +490,7 @@ class Router:
                                              (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
 
     async def _hold(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
-                    waited_until: float, experts: list[int]) -> None:
+                    waited_until: float, experts: list[int], changed: asyncio.Event) -> None:
         """Requests that need an expert with no live replica (failover 'wait', `experts[i]` the one
         request i lacks): planned again when a table or a revived group may give one (held again if
         not), failed at `waited_until`; those whose callers have gone are dropped."""
@@ -479,7 +498,7 @@ class Router:
             remaining = waited_until - time.monotonic()
             if remaining > 0:
                 try:
-                    await asyncio.wait_for(self._table_changed.wait(), timeout=remaining)
+                    await asyncio.wait_for(changed.wait(), timeout=remaining)
                 except asyncio.TimeoutError:
                     pass
             live = [i for i, r in enumerate(reqs) if not r.future.done()]
@@ -488,7 +507,8 @@ class Router:
                     _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=experts[i], reason="no live replica within failover_wait_s"))
             elif live:
                 await self._serve(layer, [reqs[i] for i in live], [assignments[i] for i in live], trace, t_start, waited_until)
-        except (Exception, asyncio.CancelledError) as e:
+                return
+        except (Exception, asyncio.CancelledError) as e:  # the wait's own (_serve ends the requests it took)
             _settle(reqs, e)
             if isinstance(e, asyncio.CancelledError):
                 raise

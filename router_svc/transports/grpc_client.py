@@ -131,7 +131,8 @@ class GrpcTransport(Transport):
 
     def _close_if_retired(self, address: str) -> None:
         s = self._streams.get(address)
-        if s is not None and address not in self._addresses and not s.waiting:
+        # NOTE: a batch whose caller went has its future done (cancelled) but waits on for its reply
+        if s is not None and address not in self._addresses and all(fut.done() for _, fut in s.waiting):
             asyncio.get_running_loop().create_task(self._streams.pop(address).close())
 
     def _stream(self, address: str) -> _GroupStream:

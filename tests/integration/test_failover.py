@@ -15,6 +15,7 @@ import ray
 import torch
 
 from cluster import deploy
+from cluster import faults
 from cluster.faults import hang_compute, release_compute
 from expert_workers.errors import ExpertUnavailableError
 from router_svc import LocalMoE
@@ -116,17 +117,36 @@ def _split_by_lost(ref: LocalMoE, layer: int, lost: set[int], n: int, seed: int)
     return clear[:n], hit[:n]
 
 
-@pytest.mark.parametrize("failover", ["fail", "wait"])
-def test_a_request_with_every_expert_live_is_not_held_by_its_batch(ray_local, failover: str) -> None:
+def _compute_fails(group) -> bool:
+    """Runs in an ExpertGroup (`__ray_call__`): every batch raises in its expert FFN (no MoEServeError)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected compute failure")
+
+    for ffn in faults._ffns(group):
+        ffn.forward = broken
+    return True
+
+
+@pytest.mark.parametrize("failover,others", [("fail", "served"), ("wait", "served"), ("wait", "failing")])
+def test_a_request_with_every_expert_live_is_not_held_by_its_batch(ray_local, failover: str, others: str) -> None:
     """Requests batched with one that needs an expert with no live replica are served as if alone:
     under 'fail' only that one fails; under 'wait' it waits apart, and the others (and the layer's
-    later batches) do not wait with it."""
-    dep, ref = _deploy(f"foiso{failover}", replicas=1, failover=failover, supervisor=False)
+    later batches) do not wait with it; nor does it end with their error when their batch fails."""
+    dep, ref = _deploy(f"foiso{failover}{others}", replicas=1, failover=failover, supervisor=False)
     try:
         layer, dead_group = 0, 2
         lost = {e for l, e in dep.table.placement[dead_group] if l == layer}
         clear, hit = _split_by_lost(ref, layer, lost, 24, seed=3)
         ray.kill(dep.groups[dead_group])
+        if others == "failing":
+            ray.get([g.__ray_call__.remote(_compute_fails) for g in dep.groups[:dead_group]], timeout=30)
+            refs = [dep.submit(x, layer) for pair in zip(hit, clear) for x in pair]
+            for r in refs[1::2]:
+                with pytest.raises(RuntimeError, match="injected compute failure"):
+                    dep.result(r, clear[0], timeout=120)
+            ready, _ = ray.wait(refs[0::2], num_returns=len(hit), timeout=0)
+            assert not ready  # still waiting for a live replica, not failed with their batch
+            return
         if failover == "fail":
             with pytest.raises(ExpertUnavailableError):  # the router learns of the death on its own
                 dep.forward(hit[0], layer)

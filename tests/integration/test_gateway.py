@@ -12,6 +12,7 @@ deployments; gateway.host "::1" cannot bind).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import os
 import re
 import shutil
@@ -1247,3 +1248,49 @@ def test_gateway_on_ipv6_loopback(ray_local, ref) -> None:
             assert _rel(c.forward(x, 0), ref.forward(x, 0)) < 1e-6
     finally:
         dep.shutdown()
+
+
+# -- client: stream mode edge cases ---------------------------------------------------------------
+
+
+def test_stream_client_refuses_an_oversized_request_alone_and_the_stream_serves_on(gw, ref, monkeypatch) -> None:
+    """A request over the client's message limit is refused for its caller only: gRPC would fail the
+    whole shared stream (every other thread's request on it) with RESOURCE_EXHAUSTED."""
+    from router_svc import client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_MESSAGE", 64 << 10)
+    with MoEClient(gw.gateway_addresses, token=TOKEN, timeout=RPC_TIMEOUT, stream=True) as c:
+        x = torch.randn(4, D)
+        assert _rel(c.forward(x, 2), ref.forward(x, 2)) < 1e-6
+        stream = c._stream
+        with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED: a request of .* bytes exceeds the message limit of 65536 bytes"):
+            c.forward(torch.randn((80 << 10) // (4 * D), D), 2)
+        assert c._stream is stream and stream.broken is None
+        assert _rel(c.forward(x, 2), ref.forward(x, 2)) < 1e-6
+
+
+def test_stream_client_leaves_a_gateway_that_accepts_the_stream_but_never_answers(gw, ref) -> None:
+    """A wedged gateway (its process alive, its event loop stuck) keeps a stream open and silent: the
+    request waiting on it times out, the stream is given up, and the next calls go to the next gateway."""
+    wedged = threading.Event()
+
+    def silent(requests, context):
+        wedged.wait(120)  # bounded: ends with the test
+        return iter(())
+
+    server = grpc.server(cf.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("moe.v1.ExpertService", {
+        "ForwardStream": grpc.stream_stream_rpc_method_handler(silent)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with MoEClient([f"127.0.0.1:{port}", gw.gateway_addresses[0]], token=TOKEN, timeout=RPC_TIMEOUT, stream=True) as c:
+            c._next = itertools.count(0)  # the wedged one first
+            x = torch.randn(3, D)
+            with pytest.raises(RemoteError, match="DEADLINE_EXCEEDED"):
+                c.forward(x, 2, timeout=1.0)
+            for _ in range(4):  # every call after it is served, by the other gateway (the wedged one outlasts these)
+                assert _rel(c.forward(x, 2, timeout=10.0), ref.forward(x, 2)) < 1e-6
+    finally:
+        wedged.set()
+        server.stop(grace=None)

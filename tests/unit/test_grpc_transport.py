@@ -186,3 +186,28 @@ def test_a_batch_in_flight_to_a_retired_group_completes_and_its_stream_closes_af
             await t.close()
 
     asyncio.run(main())
+
+
+def test_a_retired_groups_stream_closes_when_the_batch_waiting_on_it_lost_its_caller(servers: Servers) -> None:
+    async def main() -> None:
+        t = GrpcTransport([None, None], servers.addresses, "cpu")
+        try:
+            b, _ = _batch(servers.addresses, torch.ones(6, 4))
+            servers.handlers[1].gate.clear()
+            pending = asyncio.create_task(t.dispatch(b))
+            await asyncio.sleep(0.1)
+            retired = servers.addresses[1]
+            t.addresses = [servers.addresses[0]]
+            pending.cancel()  # the caller goes while its batch waits on the retired group
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            servers.handlers[1].gate.set()
+            for _ in range(200):  # bounded: the late reply is read, then the stream is closed
+                if retired not in t._streams:
+                    break
+                await asyncio.sleep(0.05)
+            assert retired not in t._streams
+        finally:
+            await t.close()
+
+    asyncio.run(main())
