@@ -50,6 +50,7 @@ def run_gateway_demo(args: argparse.Namespace, base: LocalMoE) -> None:
                 except Exception:
                     with lock:
                         counts["errors"] += 1
+                    stop.wait(0.2)  # a failing service is not hammered in a tight loop
                     continue
                 dt = time.perf_counter() - t0
                 want = base.forward(x, layer)
