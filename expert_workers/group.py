@@ -320,19 +320,23 @@ class ExpertGroup:
                     attributes={"moe.group": self.name, "moe.layer": int(layer), "moe.rows": int(rows)})
 
     @ray.method(tensor_transport="gloo")
-    def forward_gloo(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+    def forward_gloo(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor, trace: str = "") -> torch.Tensor:
         """RDT path on CPU: the tensor arrives from and returns to a collective-group peer over gloo."""
-        return self.core.compute(layer, experts, counts, x)
+        return self._traced_compute(layer, experts, counts, x, trace)
 
     @ray.method(tensor_transport="nccl")
-    def forward_nccl(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+    def forward_nccl(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor, trace: str = "") -> torch.Tensor:
         """RDT path on GPU from a peer on another GPU: NCCL."""
-        return self.core.compute(layer, experts, counts, x)
+        return self._traced_compute(layer, experts, counts, x, trace)
 
     @ray.method(tensor_transport="cuda_ipc")
-    def forward_cuda_ipc(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+    def forward_cuda_ipc(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor, trace: str = "") -> torch.Tensor:
         """RDT path on GPU from a peer on this group's GPU: CUDA IPC (the peers map each other's memory)."""
-        return self.core.compute(layer, experts, counts, x)
+        return self._traced_compute(layer, experts, counts, x, trace)
+
+    def _traced_compute(self, layer: int, experts: list[int], counts: list[int], x: torch.Tensor, trace: str) -> torch.Tensor:
+        with self._span(trace, layer, x.shape[0] if x.dim() else 0):
+            return self.core.compute(layer, experts, counts, x)
 
     def _grpc_forward(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
         try:

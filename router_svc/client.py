@@ -95,7 +95,8 @@ class _Stream:
         self._waiting: dict[int, cf.Future] = {}
         self._lock = threading.Lock()
         self._seq = 0
-        self.answers = 0  # answers read so far (a stream that gives none while a request waits is hung)
+        self.answers = 0  # answers read so far (a stream that gives none while a request waits may be hung)
+        self.retired = False  # no new requests (see retire)
         self.broken: _StreamFailed | None = None
         rpc = channel.stream_stream("/moe.v1.ExpertService/ForwardStream", request_serializer=pb.ForwardRequest.SerializeToString,
                                     response_deserializer=pb.ForwardStreamResponse.FromString)
@@ -116,11 +117,23 @@ class _Stream:
     def forget(self, seq: int) -> None:
         with self._lock:
             self._waiting.pop(seq, None)
+            idle = self.retired and not self._waiting
+        if idle:
+            self._end()
 
-    def give_up(self, why: str) -> None:
-        """The gateway stopped answering (a stopped or wedged router keeps the stream open): the stream is
-        broken, what waits on it is failed as UNAVAILABLE (retried elsewhere), and the next call opens another."""
-        self._fail(_StreamFailed(grpc.StatusCode.UNAVAILABLE, why))
+    def retire(self) -> None:
+        """The gateway may have stopped answering (a stopped or wedged router keeps the stream open):
+        later calls open another stream, on the next gateway; requests already waiting here keep
+        waiting, each to its own deadline (a slow gateway still answers them), and the stream closes
+        once none waits."""
+        with self._lock:
+            self.retired = True
+            idle = not self._waiting
+        if idle:
+            self._end()
+
+    def _end(self) -> None:
+        self._requests.put(_END)
         self._call.cancel()
 
     def _fail(self, failure: _StreamFailed) -> None:
@@ -138,8 +151,11 @@ class _Stream:
                 with self._lock:
                     fut = self._waiting.pop(answer.sequence, None)
                     self.answers += 1
+                    idle = self.retired and not self._waiting
                 if fut is not None:
                     fut.set_result(answer)
+                if idle:
+                    self._end()
         except grpc.RpcError as e:
             failure = _StreamFailed(e.code(), e.details() or "")
         self._fail(failure)
@@ -205,10 +221,10 @@ class MoEClient:
 
     def _open_stream(self) -> _Stream:
         with self._lock:
-            if self._stream is None or self._stream.broken is not None:
+            if self._stream is None or self._stream.broken is not None or self._stream.retired:
                 old, i = self._stream, next(self._next) % len(self._channels)
                 self._stream = _Stream(self._channels[i], self._metadata)
-                if old is not None:
+                if old is not None and not old.retired:  # a retired one ends itself once its waiters have their answers
                     threading.Thread(target=old.close, daemon=True).start()
             return self._stream
 
@@ -232,8 +248,8 @@ class MoEClient:
                     answer = fut.result(timeout=remaining)
                 except cf.TimeoutError:
                     stream.forget(seq)
-                    if stream.answers == answers:  # not one answer while this waited: the gateway hangs
-                        stream.give_up(f"no answer on the stream within {remaining:.3g} s")
+                    if stream.answers == answers:  # not one answer while this waited: the gateway may hang
+                        stream.retire()
                     raise RemoteError(code="DEADLINE_EXCEEDED", details=f"no answer on the stream within {remaining:.3g} s") from None
                 if answer.code == 0:
                     return answer.response

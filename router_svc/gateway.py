@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
@@ -163,7 +164,12 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
     async def _forward(self, request: pb.ForwardRequest, traceparent: str) -> pb.ForwardResponse:
         """One request -> its answer; raises for one that fails (a MoEServeError, or anything unexpected)."""
-        x = _tensor_in(request.hidden_states, "hidden_states", self.router.spec.hidden_size, self.router.config.max_tokens_per_request)
+        t0 = time.perf_counter()
+        try:
+            x = _tensor_in(request.hidden_states, "hidden_states", self.router.spec.hidden_size, self.router.config.max_tokens_per_request)
+        except MoEServeError as e:  # refused here, before the router: counted as the router counts its own
+            self.router.count_request(_failure(e).code.name, t0)
+            raise
         # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
         ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
         out = await self.router.forward_tensor(x, int(request.layer), ids, bool(request.return_routing), request.request_id,
@@ -195,6 +201,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
             try:
                 try:
                     if isinstance(request, InvalidRequestError):
+                        self.router.count_request(grpc.StatusCode.INVALID_ARGUMENT.name, time.perf_counter())
                         raise request
                     rid = request.request_id
                     answer = pb.ForwardStreamResponse(sequence=seq, request_id=rid, response=await self._forward(request, traceparent))

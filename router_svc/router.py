@@ -74,6 +74,19 @@ class _NoLiveReplica(Exception):
         self.experts = experts
 
 
+def _status_of(e: BaseException) -> str:
+    """The gRPC status code name a request failing with `e` ends with (as the gateway maps it)."""
+    if isinstance(e, BackPressureError):
+        return "RESOURCE_EXHAUSTED"
+    if isinstance(e, (InvalidRequestError, ConfigError)):
+        return "INVALID_ARGUMENT"
+    if isinstance(e, ExpertUnavailableError):
+        return "UNAVAILABLE"
+    if isinstance(e, asyncio.CancelledError):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
 def _settle(reqs: Sequence[Pending], e: BaseException) -> None:
     """Requests not answered yet end with `e` (cancelled, for a cancellation)."""
     for r in reqs:
@@ -323,25 +336,19 @@ class Router:
             token = _REQUEST_TRACE.set(span.traceparent)
             try:
                 return await self._admit(t, layer, token_ids, return_routing, request_id)
-            except BackPressureError:
-                status = "RESOURCE_EXHAUSTED"
-                raise
-            except (InvalidRequestError, ConfigError):
-                status = "INVALID_ARGUMENT"
-                raise
-            except ExpertUnavailableError:
-                status = "UNAVAILABLE"
-                raise
-            except asyncio.CancelledError:
-                status = "CANCELLED"
-                raise
-            except Exception:
-                status = "INTERNAL"
+            except BaseException as e:
+                status = _status_of(e)
                 raise
             finally:
                 _REQUEST_TRACE.reset(token)
-                if self.metrics is not None:  # recorded after the answer has left (see RouterMetrics.defer_soon)
-                    self.metrics.defer_soon(self.metrics.count_request, status, time.perf_counter() - t0)
+                self.count_request(status, t0)
+
+    def count_request(self, status: str, t0: float) -> None:
+        """A request ended with `status` (a gRPC code name), begun at perf_counter `t0`: for the metrics,
+        recorded after the answer has left (see RouterMetrics.defer_soon). The gateway counts here those
+        it refuses before they reach `forward_tensor` (malformed)."""
+        if self.metrics is not None:
+            self.metrics.defer_soon(self.metrics.count_request, status, time.perf_counter() - t0)
 
     async def _admit(
         self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
@@ -388,12 +395,12 @@ class Router:
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 return
-            await self._serve(layer, reqs, assignments, trace, t_start, time.monotonic() + self.config.failover_wait_s)
+            await self._serve(layer, reqs, assignments, trace, (t_start, time.perf_counter()), time.monotonic() + self.config.failover_wait_s)
         finally:
             self.batcher.done(layer)
 
-    async def _serve(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
-                     waited_until: float) -> None:
+    async def _serve(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
+                     started: tuple[float, float], waited_until: float) -> None:
         """Plan, dispatch and answer gated requests. A request that needs an expert with no live replica
         never holds up the others: under failover 'fail' it fails alone; under 'wait' it waits apart
         (`_hold`), outside the batcher's in-flight count, and the rest go now.
@@ -403,17 +410,18 @@ class Router:
         NOTE: a batch run in its own task carries other callers' requests: they end too, not hang.
         """
         try:
-            await self._serve_owned(layer, reqs, assignments, trace, t_start, waited_until)
+            await self._serve_owned(layer, reqs, assignments, trace, started, waited_until)
         except (Exception, asyncio.CancelledError) as e:
             _settle(reqs, e)
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    async def _serve_owned(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
-                           waited_until: float) -> None:
-        """`_serve`'s work; `reqs` and `assignments` are narrowed in place to the requests still its own."""
+    async def _serve_owned(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
+                           started: tuple[float, float], waited_until: float) -> None:
+        """`_serve`'s work; `reqs` and `assignments` are narrowed in place to the requests still its own.
+        `started`: when the batch began and when its gate was done (a wait for a live replica counts as dispatch)."""
         m = self.metrics
-        t_gate = time.perf_counter()
+        t_start, t_gate = started
         retries = 0  # batches given up on dead groups; waits for a live replica do not count
         hung = 0  # of them, on groups whose compute ran past compute_timeout_s
         x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
@@ -430,7 +438,7 @@ class Router:
                     # NOTE: failover 'wait': held until the supervisor publishes a table with a live host. The
                     # event is taken now, with the plan that found none: a change in the meantime wakes it.
                     held = asyncio.get_running_loop().create_task(
-                        self._hold(layer, [reqs[i] for i in stuck], [assignments[i] for i in stuck], trace, t_start, waited_until,
+                        self._hold(layer, [reqs[i] for i in stuck], [assignments[i] for i in stuck], trace, started, waited_until,
                                    [e.experts[i] for i in stuck], self._table_changed))
                     self._holding.add(held)
                     held.add_done_callback(self._holding.discard)
@@ -489,8 +497,8 @@ class Router:
         asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
                                              (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
 
-    async def _hold(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str, t_start: float,
-                    waited_until: float, experts: list[int], changed: asyncio.Event) -> None:
+    async def _hold(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
+                    started: tuple[float, float], waited_until: float, experts: list[int], changed: asyncio.Event) -> None:
         """Requests that need an expert with no live replica (failover 'wait', `experts[i]` the one
         request i lacks): planned again when a table or a revived group may give one (held again if
         not), failed at `waited_until`; those whose callers have gone are dropped."""
@@ -506,7 +514,7 @@ class Router:
                 for i in live:
                     _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=experts[i], reason="no live replica within failover_wait_s"))
             elif live:
-                await self._serve(layer, [reqs[i] for i in live], [assignments[i] for i in live], trace, t_start, waited_until)
+                await self._serve(layer, [reqs[i] for i in live], [assignments[i] for i in live], trace, started, waited_until)
                 return
         except (Exception, asyncio.CancelledError) as e:  # the wait's own (_serve ends the requests it took)
             _settle(reqs, e)

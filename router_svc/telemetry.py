@@ -138,6 +138,7 @@ class RouterMetrics:
         self._window_lock = threading.Lock()
         self._cached: tuple[float, dict[int, dict[str, float]]] = (float("-inf"), {})
         self._seen_events: set[tuple[str, float]] = set()
+        self._began_at = time.time()  # wall clock, as the supervisor stamps its events
         self.address = ""
         self._server: Any = None
         if cfg.prometheus_port is not None:
@@ -178,12 +179,16 @@ class RouterMetrics:
         return out
 
     def note_events(self, events: list[dict[str, Any]]) -> None:
-        """Count supervisor events not seen before (each once) and their recovery times."""
-        for ev in events:
+        """Count supervisor events not seen before (each once) and their recovery times.
+
+        NOTE: events from before these metrics began are not counted: a router (re)started beside a
+        supervisor with a history would count it again (the same series, after a counter reset)."""
+        seen = {(ev.get("kind", ""), float(ev.get("at", 0.0))) for ev in events}
+        fresh = [ev for ev in events if (ev.get("kind", ""), float(ev.get("at", 0.0))) not in self._seen_events
+                 and float(ev.get("at", 0.0)) >= self._began_at]
+        self._seen_events = seen  # the supervisor keeps its last 100: what left its list never comes back
+        for ev in fresh:
             key = (ev.get("kind", ""), float(ev.get("at", 0.0)))
-            if key in self._seen_events:
-                continue
-            self._seen_events.add(key)
             self.scaling.add(1, {"router": self.router, "kind": key[0]})
             if key[0] == "failover" and ev.get("recovery_s") is not None:
                 self.recovery.record(float(ev["recovery_s"]), {"router": self.router})

@@ -306,7 +306,7 @@ class RdtTransport(Transport):
             route = routes[p.group]
             rows = getattr(worker, f"take_{route}").remote(x_ref, dtype, p.start, p.end)
             fwd = getattr(self.groups[p.group], f"forward_{route}")
-            y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows))
+            y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows, batch.trace))
         try:
             y_np, y_dtype = await worker.gather.remote(*y_refs)
         except ray.exceptions.RayTaskError as e:

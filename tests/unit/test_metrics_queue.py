@@ -85,3 +85,19 @@ def test_defer_soon_flushes_after_the_delay_or_at_once_when_full(metrics: Router
     assert _value(text, 'moe_batches_total{router="r0",transport="grpc"}') == 1
     assert _value(text, 'moe_tokens_dropped_total{layer="0",router="r0"}') == 1
     assert _value(text, 'moe_tokens_rerouted_total{layer="0",router="r0"}') == 2
+
+
+def test_supervisor_events_are_counted_once_and_not_from_before_the_metrics_began(metrics: RouterMetrics) -> None:
+    """A router restarted beside a supervisor with a history does not count that history again."""
+    import time
+
+    now = time.time()
+    old = [{"kind": "failover", "at": now - 3600, "recovery_s": 1.5}, {"kind": "replica_added", "at": now - 3500}]
+    metrics.note_events(old)
+    new = old + [{"kind": "failover", "at": now + 1, "recovery_s": 2.0}]
+    metrics.note_events(new)
+    metrics.note_events(new)  # seen already
+    text = generate_latest(metrics.registry).decode()
+    assert _value(text, 'moe_scaling_events_total{kind="failover",router="r0"}') == 1
+    assert _value(text, 'moe_scaling_events_total{kind="replica_added",router="r0"}') == 0
+    assert _value(text, 'moe_recovery_seconds_count{router="r0"}') == 1
