@@ -5,7 +5,7 @@ Metrics go through the OpenTelemetry SDK to a Prometheus endpoint per router (`p
 installed, to OTLP as well. Names as Prometheus shows them (counters get `_total`):
 
   moe_requests_total{status}                  moe_batches_total{transport}
-  moe_tokens_total{layer,expert,outcome}      outcome: routed | degraded
+  moe_tokens_total{layer,expert,outcome}      outcome: routed (the gate's demand) | degraded (tokens, expert *)
   moe_tokens_dropped_total{layer}             moe_tokens_rerouted_total{layer}
   moe_stage_seconds{stage}                    histogram; stage: queue | gate | dispatch | expert | combine | total
                                               (expert: the slowest group's compute, object store and gRPC paths)
@@ -117,7 +117,8 @@ class RouterMetrics:
 
         # NOTE: read from the router's own usage counters at scrape time, not added per batch: one
         # counter call per expert hit was the larger part of the metrics' cost on the request path.
-        gauge("moe_tokens", "token-expert assignments by layer, expert and outcome (routed | degraded)",
+        gauge("moe_tokens", "routed: the gate's token-expert assignments per expert (demand, before failover); "
+                            "degraded (expert *): tokens answered without one of their experts",
               lambda st: [*((n, {"layer": l, "expert": str(e), "outcome": "routed"}) for l, (tokens, _p, _n) in st["usage"].items()
                             for e, n in enumerate(tokens)),
                           *((n, {"layer": l, "expert": "*", "outcome": "degraded"}) for l, n in st["degraded"].items())],
