@@ -46,6 +46,7 @@ class Batcher:
         self._queued_tokens: dict[int, int] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._in_flight: dict[int, int] = {}
+        self._running: set[asyncio.Task] = set()
         self.peak_in_flight = 0
 
     def add(self, layer: int, p: Pending) -> Coroutine[Any, Any, None] | None:
@@ -76,7 +77,10 @@ class Batcher:
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight[layer])
         if inline:
             return self._run(layer, reqs)
-        asyncio.get_running_loop().create_task(self._run(layer, reqs))
+        # NOTE: held here while it runs: the event loop keeps only weak references to tasks.
+        task = asyncio.get_running_loop().create_task(self._run(layer, reqs))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
         return None
 
     def done(self, layer: int) -> None:

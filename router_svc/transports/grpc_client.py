@@ -114,6 +114,7 @@ class GrpcTransport(Transport):
 
     def __init__(self, groups: Sequence[Any], addresses: Sequence[str], device: str) -> None:
         self._streams: dict[str, _GroupStream] = {}
+        self._closing: set[asyncio.Task] = set()
         self._seq = itertools.count()
         super().__init__(groups, addresses, device)
 
@@ -129,17 +130,22 @@ class GrpcTransport(Transport):
         for address in [a for a in self._streams if a not in self._addresses]:
             self._close_if_retired(address)
 
+    def _close_later(self, s: _GroupStream) -> None:
+        task = asyncio.get_running_loop().create_task(s.close())
+        self._closing.add(task)  # held while it runs: the event loop keeps only weak references to tasks
+        task.add_done_callback(self._closing.discard)
+
     def _close_if_retired(self, address: str) -> None:
         s = self._streams.get(address)
         # NOTE: a batch whose caller went has its future done (cancelled) but waits on for its reply
         if s is not None and address not in self._addresses and all(fut.done() for _, fut in s.waiting):
-            asyncio.get_running_loop().create_task(self._streams.pop(address).close())
+            self._close_later(self._streams.pop(address))
 
     def _stream(self, address: str) -> _GroupStream:
         s = self._streams.get(address)
         if s is None or s.broken is not None:
             if s is not None:
-                asyncio.get_running_loop().create_task(s.close())
+                self._close_later(s)
             s = self._streams[address] = _GroupStream(address)
         return s
 
