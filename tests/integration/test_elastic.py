@@ -19,6 +19,7 @@ import torch
 
 from cluster import deploy
 from router_svc import LocalMoE
+from tests.helpers.waiting import wait_until as _wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEC = dict(hidden_size=32, intermediate_size=48, num_experts=6, num_layers=1, moe_layers=[0],
@@ -29,15 +30,6 @@ FAST = dict(supervisor_period_s=0.2, rebalance_period_s=0.5, load_window_s=2.0, 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
-
-def _wait(what: str, cond: Callable[[], Any], timeout: float = 90.0, period: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(period)
 
 
 class Traffic:

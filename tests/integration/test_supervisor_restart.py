@@ -10,8 +10,7 @@ asserted against wall time.
 from __future__ import annotations
 
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -25,6 +24,7 @@ from cluster.supervisor import KV_NAMESPACE, Supervisor, state_key
 from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from router_svc import LocalMoE
 from router_svc.table import RoutingTable
+from tests.helpers.waiting import wait_until as _wait
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NS = "moe-serve"
@@ -39,15 +39,6 @@ def _deploy(name: str, **deployment: Any) -> tuple[Any, LocalMoE]:
                                  "supervisor_period_s": 0.2, "group_cpus": 0.5, "router_cpus": 0.5, **deployment}})
     return dep, LocalMoE.from_config(SPEC, seed=5)
 
-
-def _wait(what: str, cond: Callable[[], Any], timeout: float = 60.0, period: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(period)
 
 
 def _status(dep: Any) -> dict[str, Any] | None:
