@@ -354,11 +354,13 @@ class Router:
         self, t: torch.Tensor, layer: int, token_ids: Any = None, return_routing: bool = False, request_id: str = ""
     ) -> ForwardOutput:
         """Admit one request (limits, shape, dtype, layer, values, token ids) and await its batch."""
+        # NOTE: its form first, then the limits (as the gateway checks): a malformed request is
+        # INVALID_ARGUMENT, never told to come back later.
+        layer = admission.check_layer(layer, self.spec)
+        admission.check_hidden(t, self.spec)
         tokens = t.numel() // max(t.shape[-1], 1) if t.dim() else 0
         if tokens > self.config.max_tokens_per_request:
             raise BackPressureError(limit="tokens per request", value=tokens, maximum=self.config.max_tokens_per_request)
-        layer = admission.check_layer(layer, self.spec)
-        admission.check_hidden(t, self.spec)
         ids = admission.check_token_ids(token_ids, t, self.spec)
         if self._inflight_tokens + tokens > self.config.max_queued_tokens:
             raise BackPressureError(limit="queued tokens", value=self._inflight_tokens + tokens, maximum=self.config.max_queued_tokens)
