@@ -121,6 +121,9 @@ def test_bad_requests_fail_clearly_and_the_router_keeps_serving(family_deploymen
         dep.forward(torch.randn(4, d + 1), dep.spec.moe_layers[0])
     with pytest.raises(InvalidRequestError, match="not an MoE layer|out of range"):
         dep.forward(torch.randn(4, d), 99)
+    # malformed and over the token limit (65536): its form is what is wrong, not the load
+    with pytest.raises(InvalidRequestError, match=f"hidden size {d + 1} != model hidden size {d}"):
+        dep.forward(torch.zeros(65537, d + 1), dep.spec.moe_layers[0])
     bad = torch.randn(4, d)
     bad[1, 2] = float("nan")
     with pytest.raises(InvalidRequestError, match="NaN or Inf"):
