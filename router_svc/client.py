@@ -11,6 +11,10 @@ Other status codes map back to moe-serve's errors and are not retried.
 by every thread of the client) instead of one `Forward` call each: about half the round trip.
 Errors, retries and deadlines behave the same; a request whose deadline passes is given up
 by the client (its late answer is dropped), and a broken stream is reopened on the next gateway.
+A stream that gave no answer at all while a request waited out its deadline (a stopped or wedged
+router keeps it open) is retired: later calls open one on the next gateway, requests already on it
+keep waiting to their own deadlines. A request over the message limit is refused for its caller
+alone (on the shared stream gRPC would fail every request with it).
 """
 
 from __future__ import annotations
