@@ -309,8 +309,7 @@ class ExpertGroup:
                       trace: str = "") -> tuple[np.ndarray, float]:
         """`forward` plus the seconds the experts computed (the router's `expert` stage)."""
         t0 = time.perf_counter()
-        with self._span(trace, layer, x.shape[0]):
-            y = self.core.compute(layer, experts, counts, wire.from_numpy(x, dtype))
+        y = self._traced_compute(layer, experts, counts, wire.from_numpy(x, dtype), trace)
         return wire.to_numpy(y)[0], time.perf_counter() - t0
 
     def _span(self, trace: str, layer: int, rows: int) -> Any:
@@ -345,12 +344,11 @@ class ExpertGroup:
             raise InvalidRequestError(field="header", problem=f"missing key {e}") from None
         if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_int(d) for d in shape):
             raise InvalidRequestError(field="header", problem=f"dtype {dtype!r} and shape {shape!r}: expected a string and a list of integers")
-        if not _is_int(layer) or not isinstance(experts, list) or not isinstance(counts, list):
-            raise InvalidRequestError(field="header", problem=f"layer {layer!r}, experts {experts!r}, counts {counts!r}: expected an integer and two lists")
+        if not _is_int(layer):  # before the span names it (experts and counts: GroupCore.compute checks them)
+            raise InvalidRequestError(field="header", problem=f"layer {layer!r}: expected an integer")
         x = wire.from_bytes(payload, dtype, shape)
         t0 = time.perf_counter()
-        with self._span(str(header.get("traceparent") or ""), layer, x.shape[0] if x.dim() else 0):
-            y = self.core.compute(layer, experts, counts, x)
+        y = self._traced_compute(layer, experts, counts, x, str(header.get("traceparent") or ""))
         data, name, shape = wire.to_bytes(y)
         return {"dtype": name, "shape": list(shape), "request_ids": header.get("request_ids", []),
                 "compute_s": time.perf_counter() - t0}, data

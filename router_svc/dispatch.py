@@ -42,16 +42,17 @@ def gather_rows(x_TD: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     return x_TD.index_select(0, plan.token_N)
 
 
-def combine(y_ND: torch.Tensor, plan: ExpertPlan, tokens: int, weights_dtype: str = "float32") -> torch.Tensor:
-    """Weighted sum of expert outputs per token: (N, D) -> (T, D).
+def combine(y_ND: torch.Tensor, plan: "ExpertPlan | GroupPlan", tokens: int, weights_dtype: str = "float32") -> torch.Tensor:
+    """Weighted sum of expert outputs per token: (N, D) -> (T, D), rows in the plan's order (by expert
+    in LocalMoE, by group in the router).
 
     Tokens with no assignment (dropped) get zero; the caller's residual carries them.
     """
     out_TD = y_ND.new_zeros((tokens, y_ND.shape[1]))
-    return out_TD.index_add_(0, plan.token_N, weigh(y_ND, plan.weight_N, weights_dtype))
+    return out_TD.index_add_(0, plan.token_N, _weigh(y_ND, plan.weight_N, weights_dtype))
 
 
-def weigh(y_ND: torch.Tensor, weight_N: torch.Tensor, weights_dtype: str) -> torch.Tensor:
+def _weigh(y_ND: torch.Tensor, weight_N: torch.Tensor, weights_dtype: str) -> torch.Tensor:
     """Each expert output row times its weight, in the dtype `RoutingSpec.weights_dtype` names
     (the result in y's dtype); in float32 or wider both are the same product."""
     if weights_dtype == "compute" or y_ND.dtype.itemsize >= 4:

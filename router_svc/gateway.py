@@ -168,7 +168,7 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         try:
             x = _tensor_in(request.hidden_states, "hidden_states", self.router.spec.hidden_size, self.router.config.max_tokens_per_request)
         except MoEServeError as e:  # refused here, before the router: counted as the router counts its own
-            self.router.count_request(_failure(e).code.name, t0)
+            self.router.count_request(status_name(e), t0)
             raise
         # NOTE: int64 array, not a list of Python ints: a million ids would scatter ~36 MB of small objects.
         ids = np.asarray(request.token_ids, dtype=np.int64) if len(request.token_ids) else None
@@ -323,6 +323,11 @@ def _failure(e: BaseException) -> _Failure:
     if isinstance(e, ExpertUnavailableError):
         return _Failure(code=grpc.StatusCode.UNAVAILABLE, message=str(e))
     return _Failure(code=grpc.StatusCode.FAILED_PRECONDITION, message=str(e))
+
+
+def status_name(e: BaseException) -> str:
+    """The status code name a request failing with `e` ends with (for the metrics: as `_failure` maps it)."""
+    return grpc.StatusCode.CANCELLED.name if isinstance(e, asyncio.CancelledError) else _failure(e).code.name
 
 
 def _internal_message(e: BaseException) -> str:

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from expert_workers import tie, wire
-from expert_workers.errors import BackPressureError, ConfigError, ExpertUnavailableError, InvalidRequestError
+from expert_workers.errors import BackPressureError, ExpertUnavailableError
 from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RouterWeights
 from router_svc import admission
 from router_svc.batching import Batcher, Pending
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import plan_rows, reroute_lost, split_copies, weigh
+from router_svc.dispatch import combine, plan_rows, reroute_lost, split_copies
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, router_logits, routing_stats
 from router_svc.local import SharedExperts
 from router_svc.table import RoutingTable, layer_orders
@@ -74,17 +74,9 @@ class _NoLiveReplica(Exception):
         self.experts = experts
 
 
-def _status_of(e: BaseException) -> str:
-    """The gRPC status code name a request failing with `e` ends with (as the gateway maps it)."""
-    if isinstance(e, BackPressureError):
-        return "RESOURCE_EXHAUSTED"
-    if isinstance(e, (InvalidRequestError, ConfigError)):
-        return "INVALID_ARGUMENT"
-    if isinstance(e, ExpertUnavailableError):
-        return "UNAVAILABLE"
-    if isinstance(e, asyncio.CancelledError):
-        return "CANCELLED"
-    return "INTERNAL"
+def _rows(reqs: Sequence[Pending]) -> torch.Tensor:
+    """The requests' token rows, one after another (a lone request's as they are: no copy)."""
+    return torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
 
 
 def _settle(reqs: Sequence[Pending], e: BaseException) -> None:
@@ -159,7 +151,7 @@ class Router:
             if config.shared_experts == "router":
                 self.shared[layer] = SharedExperts(sw, self.spec, dtype=self.compute_dtype, device="cpu")
             elif sw.gate is not None:
-                self.shared_gates[layer] = sw.gate.float()
+                self.shared_gates[layer] = sw.gate.to(self.compute_dtype)  # as SharedExperts keeps it
         self.table = table
         self.groups = list(groups)
         self.addresses = [g.grpc_address for g in table.groups]
@@ -337,7 +329,9 @@ class Router:
             try:
                 return await self._admit(t, layer, token_ids, return_routing, request_id)
             except BaseException as e:
-                status = _status_of(e)
+                from router_svc.gateway import status_name
+
+                status = status_name(e)
                 raise
             finally:
                 _REQUEST_TRACE.reset(token)
@@ -426,7 +420,7 @@ class Router:
         t_start, t_gate = started
         retries = 0  # batches given up on dead groups; waits for a live replica do not count
         hung = 0  # of them, on groups whose compute ran past compute_timeout_s
-        x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
+        x_all = _rows(reqs)
         while True:
             try:
                 version = self.table.version
@@ -448,7 +442,7 @@ class Router:
                 reqs[:], assignments[:] = [reqs[i] for i in go], [assignments[i] for i in go]
                 if not reqs:
                     return
-                x_all = torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
+                x_all = _rows(reqs)
                 continue
             self._planned[version] = self._planned.get(version, 0) + 1
             try:
@@ -482,7 +476,7 @@ class Router:
                 if not self._planned[version]:
                     del self._planned[version]
         t_dispatched = time.perf_counter()
-        out_TD = y_ND.new_zeros(x_all.shape).index_add_(0, plan.token_N, weigh(y_ND, plan.weight_N, self.spec.routing.weights_dtype))
+        out_TD = combine(y_ND, plan, x_all.shape[0], self.spec.routing.weights_dtype)
         if layer in self.shared:
             out_TD += self.shared[layer].forward(x_all)
         self.counters["batches"] += 1
@@ -517,7 +511,6 @@ class Router:
                     _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=experts[i], reason="no live replica within failover_wait_s"))
             elif live:
                 await self._serve(layer, [reqs[i] for i in live], [assignments[i] for i in live], trace, started, waited_until)
-                return
         except (Exception, asyncio.CancelledError) as e:  # the wait's own (_serve ends the requests it took)
             _settle(reqs, e)
             if isinstance(e, asyncio.CancelledError):
@@ -563,7 +556,7 @@ class Router:
             all_tokens = torch.arange(total)
             gate = self.shared_gates.get(layer)
             # NOTE: the gate as SharedExperts runs it (in the compute dtype), so both placements agree.
-            w = torch.ones(total) if gate is None else torch.sigmoid(F.linear(x_all, gate.to(x_all.dtype))).squeeze(-1)
+            w = torch.ones(total) if gate is None else torch.sigmoid(F.linear(x_all, gate)).squeeze(-1)
             tokens.append(all_tokens)
             experts.append(torch.full((total,), self.spec.num_experts, dtype=torch.int64))
             weights.append(w)

@@ -184,12 +184,10 @@ class RouterMetrics:
 
         NOTE: events from before these metrics began are not counted: a router (re)started beside a
         supervisor with a history would count it again (the same series, after a counter reset)."""
-        seen = {(ev.get("kind", ""), float(ev.get("at", 0.0))) for ev in events}
-        fresh = [ev for ev in events if (ev.get("kind", ""), float(ev.get("at", 0.0))) not in self._seen_events
-                 and float(ev.get("at", 0.0)) >= self._began_at]
-        self._seen_events = seen  # the supervisor keeps its last 100: what left its list never comes back
-        for ev in fresh:
-            key = (ev.get("kind", ""), float(ev.get("at", 0.0)))
+        keyed = {(ev.get("kind", ""), float(ev.get("at", 0.0))): ev for ev in events}
+        fresh = [(key, ev) for key, ev in keyed.items() if key not in self._seen_events and key[1] >= self._began_at]
+        self._seen_events = set(keyed)  # the supervisor keeps its last 100: what left its list never comes back
+        for key, ev in fresh:
             self.scaling.add(1, {"router": self.router, "kind": key[0]})
             if key[0] == "failover" and ev.get("recovery_s") is not None:
                 self.recovery.record(float(ev["recovery_s"]), {"router": self.router})

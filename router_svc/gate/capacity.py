@@ -19,7 +19,6 @@ as in GShard. Assignments past an expert's capacity overflow:
 
 from __future__ import annotations
 
-
 import torch
 
 from expert_workers.spec import RoutingSpec

@@ -12,8 +12,8 @@ Policies are looked up by name in `POLICIES`; routing always runs in float32.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import torch
