@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
             result["startup_s"] = {"deployment": time.perf_counter() - t0}
             infos = ray.get([g.info.remote() for g in dep.groups])
             result["thp_mode"] = infos[0]["thp_mode"]
-            result["group_huge_page_mib"] = sum(i["huge_page_bytes"] for i in infos) >> 20
+            result["group_huge_page_mib"] = sum(m["huge_page_bytes"] for m in ray.get([g.memory.remote() for g in dep.groups])) >> 20
             t0 = time.perf_counter()
             naive = NaiveRayEngine(tmp, moe, args.device)
             result["startup_s"]["naive_ray"] = time.perf_counter() - t0

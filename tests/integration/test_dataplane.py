@@ -367,7 +367,9 @@ def test_cpu_groups_ask_for_huge_pages_unless_told_not_to(ray_local, random_spec
     try:
         infos = ray.get([g.info.remote() for g in on.groups])
         assert [i["huge_pages"] for i in infos] == [True, True], infos
-        assert all(isinstance(i["huge_page_bytes"], int) and i["huge_page_bytes"] >= 0 for i in infos)
+        mems = ray.get([g.memory.remote() for g in on.groups])
+        assert all(isinstance(m["huge_page_bytes"], int) and 0 <= m["huge_page_bytes"] <= m["rss_bytes"] for m in mems), mems
+        assert all(m["rss_bytes"] > 0 for m in mems), mems
         ray.kill(on.groups[0])
         deadline = time.time() + 60
         while True:  # the supervisor's replacement is made with the same options
