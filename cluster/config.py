@@ -4,8 +4,8 @@
     routing:     overrides of the model's routing spec (policy, capacity_factor, overflow, ...)
     deployment:  name, expert_groups, routers, transport, batch_max_tokens, batch_max_wait_us, batch_max_in_flight,
                  device (auto|cpu|cuda), shared_experts (router|slot), group_cpus, group_gpus,
-                 router_cpus, grpc_host, huge_pages, replicas, failover, supervisor, supervisor_period_s,
-                 max_replicas, hot_threshold, hot_replica_min_rate, replica_down_fraction, load_window_s,
+                 router_cpus, grpc_host, huge_pages, replicas, replica_min_rows, failover, supervisor,
+                 supervisor_period_s, max_replicas, hot_threshold, hot_replica_min_rate, replica_down_fraction, load_window_s,
                  rebalance_period_s, replica_down_delay_s,
                  min_groups, max_groups, target_group_tokens_per_s, scale_up_delay_s, scale_down_delay_s,
                  place_timeout_s, drain_timeout_s
@@ -78,6 +78,10 @@ class DeploymentSettings:
     shared_experts: str = "router"
     # starting copies of every expert slot, on distinct groups (<= expert_groups).
     replicas: int = 1
+    # an expert's rows in one batch go to at most ceil(rows / replica_min_rows) of its copies (a copy
+    # reads all of the expert's weights however few rows it gets, so a few rows are not worth a second
+    # read). Unset: about where a GEMM on the device stops being bound by that read (16 on CPU, 128 on CUDA).
+    replica_min_rows: int | None = None
     # no live replica for one of a request's experts: wait (for the supervisor), fail (UNAVAILABLE) or drop (degraded).
     failover: str = "wait"
     # run the supervisor (replaces dead groups); off only to observe failover policies alone.
@@ -135,7 +139,7 @@ class DeploymentSettings:
             _number(p + name, getattr(self, name), minimum=0.0, strict=True)
         if self.replica_down_fraction > 1:
             raise ConfigError(field=p + "replica_down_fraction", value=self.replica_down_fraction, expected="a number in [0, 1]")
-        for name in ("max_replicas", "min_groups", "max_groups"):
+        for name in ("max_replicas", "min_groups", "max_groups", "replica_min_rows"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(field=p + name, value=v, expected="an integer >= 1 (or unset)")

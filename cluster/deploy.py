@@ -85,6 +85,9 @@ def start_local_ray(**init_kwargs: Any) -> None:
 
 
 PLACE_TIMEOUT_S = 300.0
+# deployment.replica_min_rows when unset, per device: about the rows at which one copy's GEMM stops being
+# bound by reading its weights (float32 on a CPU core; half precision on a data-center GPU is past 128)
+REPLICA_MIN_ROWS = {"cpu": 16, "cuda": 128}
 
 
 def _placed(refs: list, what: str, cpus: float) -> list:
@@ -187,6 +190,7 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
         dp = DataPlaneConfig(transport=d.transport, batch_max_tokens=d.batch_max_tokens, batch_max_wait_us=d.batch_max_wait_us,
                              batch_max_in_flight=d.batch_max_in_flight,
                              device=device, dtype=cfg.model.dtype, shared_experts=d.shared_experts, failover=d.failover,
+                             replica_min_rows=REPLICA_MIN_ROWS[device] if d.replica_min_rows is None else d.replica_min_rows,
                              max_tokens_per_request=gw.max_tokens_per_request, max_queued_tokens=gw.max_queued_tokens,
                              max_queued_requests=gw.max_queued_requests)
         router_cls = ray.remote(Router)

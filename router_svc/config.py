@@ -35,6 +35,9 @@ class DataPlaneConfig:
     failover: str = "wait"
     # how long `wait` holds a batch for the supervisor to restore a host.
     failover_wait_s: float = 60.0
+    # an expert's rows in one batch go to at most ceil(rows / replica_min_rows) of its copies: each copy
+    # reads all of the expert's weights however few rows it gets (see dispatch.split_copies).
+    replica_min_rows: int = 16
     # admission limits: one request's tokens, and tokens admitted but not yet answered.
     max_tokens_per_request: int = 65536
     max_queued_tokens: int = 262144
@@ -46,10 +49,10 @@ class DataPlaneConfig:
         p = "deployment."
         if self.transport not in TRANSPORT_MODES:
             raise ConfigError(field=p + "transport", value=self.transport, expected=f"one of {TRANSPORT_MODES}")
-        for name in ("max_tokens_per_request", "max_queued_tokens", "max_queued_requests", "batch_max_in_flight"):
+        for name in ("max_tokens_per_request", "max_queued_tokens", "max_queued_requests", "batch_max_in_flight", "replica_min_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(field=("deployment." if name.startswith("batch") else "gateway.") + name, value=v, expected="an integer >= 1")
+                raise ConfigError(field=("gateway." if name.startswith("max_") else "deployment.") + name, value=v, expected="an integer >= 1")
         for name in ("batch_max_tokens", "batch_max_wait_us"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_max_tokens" else 0):

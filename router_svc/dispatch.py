@@ -109,9 +109,18 @@ def plan_rows(token_N: torch.Tensor, weight_N: torch.Tensor, g_N: torch.Tensor, 
 
 # -- copies and lost experts (the router's plan over the live routing table) ----------------------
 
-def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor) -> torch.Tensor:
-    """Which live copy takes each assignment: an expert's assignments of rank r (of n, in order)
-    go to the first copy whose cumulative share exceeds (r + 0.5) / n (the table's load split)."""
+def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor, min_rows: int = 1, credit_ER: torch.Tensor | None = None) -> torch.Tensor:
+    """Which live copy takes each assignment. An expert's n assignments in this batch go to at most
+    ceil(n / min_rows) of its copies (a copy reads all of the expert's weights however few rows it
+    gets: at a few rows a second copy only doubles the bytes read). Of the copies it may use, those
+    owed the most rows (`credit_ER`) are chosen; its assignments of rank r (of n, in order) go to the
+    first of them whose cumulative share exceeds (r + 0.5) / n. With every copy in use this is the
+    table's load split; over batches each copy gets its share of the rows (the credit carries what a
+    batch owed a copy and did not give it).
+
+    `cum_ER`: (E+1, R) cumulative shares of the live copies (RoutingTable.split_alive). `credit_ER`:
+    updated in place (see `copy_credit`); None: no memory across batches (every copy in use).
+    """
     n = expert_N.numel()
     if n == 0 or cum_ER.shape[1] == 1:
         return torch.zeros_like(expert_N)
@@ -120,11 +129,53 @@ def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(sorted_e, minlength=cum_ER.shape[0])
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n) - starts[sorted_e]
+    share_ER = torch.diff(cum_ER, dim=1, prepend=torch.zeros((cum_ER.shape[0], 1), dtype=cum_ER.dtype))
+    cum = cum_ER if credit_ER is None else _narrow(cum_ER, share_ER, counts, max(1, int(min_rows)), credit_ER)
     u = ((rank.double() + 0.5) / counts[sorted_e].double()).unsqueeze(1)
-    pick_sorted = (cum_ER[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
+    pick_sorted = (cum[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
+    if credit_ER is not None:
+        given = torch.zeros_like(credit_ER).index_put_((sorted_e, pick_sorted), torch.ones(n, dtype=credit_ER.dtype), accumulate=True)
+        credit_ER += counts.unsqueeze(1).to(credit_ER.dtype) * share_ER - given
     pick = torch.empty_like(expert_N)
     pick[order] = pick_sorted
     return pick
+
+
+def copy_credit(cum_ER: torch.Tensor) -> torch.Tensor:
+    """A fresh credit for `split_copies` over the live copies of `cum_ER`: expert e first favours its
+    copy e mod (its copies), so experts that each fit one copy start out spread over the groups."""
+    share_ER = torch.diff(cum_ER, dim=1, prepend=torch.zeros((cum_ER.shape[0], 1), dtype=cum_ER.dtype))
+    usable_ER = share_ER > 0
+    slot_ER = usable_ER.cumsum(1) - 1  # each usable copy's index among the expert's usable copies
+    first_E = torch.arange(cum_ER.shape[0]) % usable_ER.sum(1).clamp_min(1)
+    return (usable_ER & (slot_ER == first_E.unsqueeze(1))).to(torch.float64) * 0.5
+
+
+def _narrow(cum_ER: torch.Tensor, share_ER: torch.Tensor, counts_E: torch.Tensor, min_rows: int, credit_ER: torch.Tensor) -> torch.Tensor:
+    """Cumulative shares over the copies each expert uses this batch: the ceil(n / min_rows) (at most
+    all) usable ones owed the most rows, after this batch's due. `cum_ER` itself when every expert
+    of the batch uses all its copies."""
+    usable_ER = share_ER > 0
+    copies_E = usable_ER.sum(1)
+    k_E = torch.minimum((counts_E + min_rows - 1) // min_rows, copies_E).clamp_min(1)
+    if bool((k_E >= copies_E)[counts_E > 0].all()):
+        return cum_ER
+    owed_ER = torch.where(usable_ER, credit_ER + counts_E.unsqueeze(1).to(credit_ER.dtype) * share_ER, -torch.inf)
+    by_owed = torch.argsort(owed_ER, dim=1, descending=True, stable=True)
+    place_ER = torch.empty_like(by_owed).scatter_(1, by_owed, torch.arange(share_ER.shape[1]).expand_as(by_owed).contiguous())
+    chosen_ER = usable_ER & (place_ER < k_E.unsqueeze(1))
+    return _pinned(torch.where(chosen_ER, share_ER, 0.0), chosen_ER)
+
+
+def _pinned(share_ER: torch.Tensor, used_ER: torch.Tensor) -> torch.Tensor:
+    """Cumulative shares normalised per row, exactly 1.0 from each row's last used copy on (so no
+    assignment falls off the end); rows with no used copy all 1.0."""
+    total = share_ER.sum(1, keepdim=True)
+    cum = share_ER.cumsum(1) / torch.where(total > 0, total, 1.0)
+    cols = torch.arange(share_ER.shape[1])
+    last_E = torch.where(used_ER, cols, -1).max(1).values
+    cum[cols.unsqueeze(0) >= last_E.unsqueeze(1)] = 1.0
+    return cum
 
 
 def reroute_lost(token_N: torch.Tensor, expert_N: torch.Tensor, lost_N: torch.Tensor, logits_TE: torch.Tensor,

@@ -31,7 +31,7 @@ from expert_workers.weights import RouterWeights
 from router_svc import admission
 from router_svc.batching import Batcher, Pending
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import combine, plan_rows, reroute_lost, split_copies
+from router_svc.dispatch import combine, copy_credit, plan_rows, reroute_lost, split_copies
 from router_svc.gate import Assignments, GateInput, RoutingStats, route, router_logits, routing_stats
 from router_svc.local import SharedExperts
 from router_svc.table import RoutingTable, layer_orders
@@ -155,6 +155,8 @@ class Router:
         self.table = table
         self.groups = list(groups)
         self.addresses = [g.grpc_address for g in table.groups]
+        # per layer: ((table version, dead groups), rows owed to each live copy); see _copy_credit
+        self._credits: dict[int, tuple[tuple[int, frozenset[int]], torch.Tensor]] = {}
         self.transports: dict[str, Transport] = {}
         for tname, cls in TRANSPORTS.items():
             if cls is RdtTransport:
@@ -583,12 +585,22 @@ class Router:
                 expert_N, lost = reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
             keep = ~lost
             token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
-        pick_N = split_copies(expert_N, self.table.split_alive(layer, dead))
+        cum_ER = self.table.split_alive(layer, dead)
+        pick_N = split_copies(expert_N, cum_ER, self.config.replica_min_rows, self._copy_credit(layer, dead, cum_ER))
         g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
         plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
         x_sorted = x_all.index_select(0, plan.token_N)
         batch = Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, groups=self.groups, addresses=self.addresses, request_ids=tuple(request_ids))
         return batch, plan, sizes, degraded
+
+    def _copy_credit(self, layer: int, dead: frozenset[int], cum_ER: torch.Tensor) -> torch.Tensor:
+        """The layer's rows owed to each live copy (see dispatch.split_copies), afresh with each table
+        or set of dead groups (the copies it counts for change with them)."""
+        key = (self.table.version, dead)
+        held = self._credits.get(layer)
+        if held is None or held[0] != key:
+            held = self._credits[layer] = (key, copy_credit(cum_ER))
+        return held[1]
 
     async def _dispatch(self, batch: Batch) -> tuple[torch.Tensor, str]:
         """Try the transports of the chain in order, per batch; the first that answers wins.

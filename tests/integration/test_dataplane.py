@@ -442,3 +442,33 @@ def test_batches_in_flight_per_layer_stay_within_the_limit(ray_local, random_spe
             assert counters["peak_in_flight"] == 1
     finally:
         dep.shutdown()
+
+
+def test_an_experts_few_rows_go_to_one_copy_copies_take_turns_and_many_rows_split(ray_local) -> None:
+    """Every expert on both groups (replicas 2). A batch with a few rows of an expert sends them all to
+    one copy (each copy it used would read all the expert's weights), the copies taking turns batch by
+    batch; past 2 x replica_min_rows rows both copies share them. Every answer exact."""
+    spec = dict(hidden_size=32, intermediate_size=48, num_experts=4, num_layers=1, moe_layers=[0], routing=dict(policy="hash", top_k=1))
+    dep = deploy({"model": {"random": spec, "seed": 3}, "gateway": {"enabled": False},
+                  "deployment": {"name": "copies", "expert_groups": 2, "replicas": 2, "replica_min_rows": 8,
+                                 "supervisor": False, "transport": "object_store"}})
+    ref = LocalMoE.from_config(spec, seed=3)
+    gen = torch.Generator().manual_seed(0)
+
+    def rows_per_group() -> list[int]:
+        return [sum(n for _, _, n in ray.get(g.stats.remote())["tokens"]) for g in dep.groups]
+
+    def send(n: int) -> list[int]:
+        """n tokens of one token id (hash routing: one expert); the rows each group computed for them."""
+        x, ids = torch.randn(n, 32, generator=gen), torch.full((n,), 7)
+        before = rows_per_group()
+        assert _rel(dep.forward(x, 0, token_ids=ids), ref.forward(x, 0, token_ids=ids)) < 1e-6
+        return [a - b for a, b in zip(rows_per_group(), before)]
+
+    try:
+        turns = [send(6) for _ in range(6)]
+        assert all(sorted(t) == [0, 6] for t in turns), turns  # one copy per batch
+        assert [t.index(6) for t in turns] in ([0, 1] * 3, [1, 0] * 3), turns  # in turn
+        assert send(16) == [8, 8]  # both copies, half each (even shares)
+    finally:
+        dep.shutdown()

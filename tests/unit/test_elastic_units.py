@@ -17,7 +17,7 @@ from expert_workers.group import SHARED, GroupCore
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec, SharedExpertSpec
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import reroute_lost, split_copies
+from router_svc.dispatch import copy_credit, reroute_lost, split_copies
 from router_svc.table import GroupRef, RoutingTable
 
 pytestmark = pytest.mark.unit
@@ -199,6 +199,53 @@ def test_split_interleaved_experts(n: int) -> None:
 def test_split_single_copy_and_empty() -> None:
     assert split_copies(torch.tensor([2, 0, 1]), torch.ones((4, 1), dtype=torch.float64)).tolist() == [0, 0, 0]
     assert split_copies(torch.zeros(0, dtype=torch.int64), torch.ones((4, 2), dtype=torch.float64)).numel() == 0
+
+
+def _copies_used(expert: torch.Tensor, pick: torch.Tensor, e: int) -> set[int]:
+    return set(pick[expert == e].tolist())
+
+
+def test_few_rows_of_an_expert_go_to_one_copy_and_copies_take_turns_by_their_shares() -> None:
+    """Under `min_rows` rows an expert's rows go to one copy (each copy would read all its weights);
+    over batches the copies get their shares of the rows (0.25 / 0.75 here), never one copy always."""
+    cum = torch.tensor([[0.25, 1.0]], dtype=torch.float64)
+    credit = copy_credit(cum)
+    rows = [0, 0]
+    for b in range(400):
+        n = 1 + b % 5  # 1..5 rows, all under min_rows
+        pick = split_copies(torch.zeros(n, dtype=torch.int64), cum, 8, credit)
+        assert len(set(pick.tolist())) == 1, (b, pick.tolist())
+        rows[int(pick[0])] += n
+    assert abs(rows[0] - 0.25 * sum(rows)) <= 5, rows  # within one batch's rows of the share
+    assert credit.abs().max() <= 5
+
+
+def test_rows_past_min_rows_spread_over_as_many_copies_as_they_fill() -> None:
+    cum = torch.tensor([[1 / 3, 2 / 3, 1.0]], dtype=torch.float64)
+    for n, copies in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 3), (100, 3)]:
+        pick = split_copies(torch.zeros(n, dtype=torch.int64), cum, 8, copy_credit(cum))
+        assert len(set(pick.tolist())) == copies, (n, pick.tolist())
+        assert pick.tolist() == sorted(pick.tolist())  # ranks in input order: contiguous blocks per copy
+
+
+def test_with_every_copy_in_use_the_split_is_the_tables() -> None:
+    """Enough rows for every copy: exactly the shares' rank rule, the same with or without a credit."""
+    cum = torch.tensor([[0.25, 0.5, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    expert = torch.tensor([0, 1, 2] * 40)
+    credit = copy_credit(cum)
+    assert split_copies(expert, cum, 8, credit).tolist() == split_copies(expert, cum).tolist()
+    assert split_copies(expert, cum, 1, credit).tolist() == split_copies(expert, cum).tolist()
+
+
+def test_lone_rows_of_many_experts_start_spread_over_the_copies() -> None:
+    """Experts with one row each in the first batch: the fresh credit spreads them over the copies
+    (not every expert's row on the same group); a copy with no share never gets one."""
+    cum = torch.tensor([[0.5, 1.0]] * 6 + [[0.0, 1.0]], dtype=torch.float64)
+    pick = split_copies(torch.arange(7), cum, 16, copy_credit(cum))
+    assert pick.tolist() == [0, 1, 0, 1, 0, 1, 1]
+    credit = copy_credit(cum)
+    for _ in range(20):
+        assert split_copies(torch.tensor([6, 6]), cum, 16, credit).tolist() == [1, 1]
 
 
 def test_reroute_lost_takes_best_live_unused_expert() -> None:
