@@ -33,6 +33,10 @@ class Pending:
     future: asyncio.Future = field(repr=False)
     t_enq: float = field(default_factory=time.perf_counter)
     trace: str = ""
+    # set once it waited for a live replica (failover 'wait'): its gate's assignments (kept, not gated
+    # again) and the time.monotonic() past which it fails
+    assignments: Any = field(default=None, repr=False)
+    hold_until: float | None = None
 
 
 class Batcher:
@@ -44,7 +48,7 @@ class Batcher:
         self._run = run
         self._queues: dict[int, list[Pending]] = {}
         self._queued_tokens: dict[int, int] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._timers: dict[int, asyncio.Handle] = {}
         self._in_flight: dict[int, int] = {}
         self._running: set[asyncio.Task] = set()
         self.peak_in_flight = 0
@@ -57,12 +61,33 @@ class Batcher:
         in_flight = self._in_flight.get(layer, 0)
         if self._queued_tokens[layer] >= self.config.batch_max_tokens or not in_flight:
             return self.flush(layer, inline=len(self._queues[layer]) == 1)
-        if in_flight < self.config.batch_max_in_flight and layer not in self._timers:
+        self._arm(layer)
+        return None
+
+    def requeue(self, layer: int, ps: list[Pending]) -> None:
+        """Queue requests released together (those that waited for a live replica): they leave in as
+        few batches as `batch_max_tokens` allows, with what else is queued, as added ones would."""
+        for p in ps:
+            self._queues.setdefault(layer, []).append(p)
+            self._queued_tokens[layer] = self._queued_tokens.get(layer, 0) + p.x_TD.shape[0]
+            if self._queued_tokens[layer] >= self.config.batch_max_tokens:
+                self.flush(layer)
+        if self._queues.get(layer):
+            if self._in_flight.get(layer, 0):
+                self._arm(layer)
+            elif layer not in self._timers:
+                # NOTE: on the next loop turn, not now: requests released by the same event (every
+                # batch held for one group) are queued by then and leave in this batch.
+                self._timers[layer] = asyncio.get_running_loop().call_soon(self.flush, layer)
+
+    def _arm(self, layer: int) -> None:
+        """Requests are queued behind a batch in flight: with room for another in flight, they leave
+        `batch_max_wait_us` after the first (or at once for 0); else when one in flight finishes."""
+        if self._in_flight.get(layer, 0) < self.config.batch_max_in_flight and layer not in self._timers:
             if self.config.batch_max_wait_us == 0:
                 self.flush(layer)
             else:
                 self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self.flush, layer)
-        return None
 
     def flush(self, layer: int, inline: bool = False) -> Coroutine[Any, Any, None] | None:
         """Let the layer's queued requests out as one batch (a task, or returned when `inline`)."""

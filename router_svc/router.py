@@ -387,35 +387,35 @@ class Router:
         try:
             t_start = time.perf_counter()
             try:
-                assignments = [self._assign(layer, r.x_TD, r.token_ids) for r in reqs]
+                assignments = [self._assign(layer, r.x_TD, r.token_ids) if r.assignments is None else r.assignments for r in reqs]
             except (Exception, asyncio.CancelledError) as e:
                 _settle(reqs, e)
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 return
-            await self._serve(layer, reqs, assignments, trace, (t_start, time.perf_counter()), time.monotonic() + self.config.failover_wait_s)
+            await self._serve(layer, reqs, assignments, trace, (t_start, time.perf_counter()))
         finally:
             self.batcher.done(layer)
 
     async def _serve(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
-                     started: tuple[float, float], waited_until: float) -> None:
+                     started: tuple[float, float]) -> None:
         """Plan, dispatch and answer gated requests. A request that needs an expert with no live replica
         never holds up the others: under failover 'fail' it fails alone; under 'wait' it waits apart
-        (`_hold`), outside the batcher's in-flight count, and the rest go now.
+        (`_hold`), outside the batcher, and the rest go now.
 
         Every request it still holds ends here, answered or with the error that ended the batch (a
         cancellation cancels them); those handed to `_hold` are no longer its own.
         NOTE: a batch run in its own task carries other callers' requests: they end too, not hang.
         """
         try:
-            await self._serve_owned(layer, reqs, assignments, trace, started, waited_until)
+            await self._serve_owned(layer, reqs, assignments, trace, started)
         except (Exception, asyncio.CancelledError) as e:
             _settle(reqs, e)
             if isinstance(e, asyncio.CancelledError):
                 raise
 
     async def _serve_owned(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
-                           started: tuple[float, float], waited_until: float) -> None:
+                           started: tuple[float, float]) -> None:
         """`_serve`'s work; `reqs` and `assignments` are narrowed in place to the requests still its own.
         `started`: when the batch began and when its gate was done (a wait for a live replica counts as dispatch)."""
         m = self.metrics
@@ -435,9 +435,13 @@ class Router:
                 else:
                     # NOTE: failover 'wait': held until the supervisor publishes a table with a live host. The
                     # event is taken now, with the plan that found none: a change in the meantime wakes it.
+                    now = time.monotonic()
+                    for i in stuck:
+                        reqs[i].assignments = assignments[i]
+                        if reqs[i].hold_until is None:  # held again after a release: its first deadline stands
+                            reqs[i].hold_until = now + self.config.failover_wait_s
                     held = asyncio.get_running_loop().create_task(
-                        self._hold(layer, [reqs[i] for i in stuck], [assignments[i] for i in stuck], trace, started, waited_until,
-                                   [e.experts[i] for i in stuck], self._table_changed))
+                        self._hold(layer, [reqs[i] for i in stuck], [e.experts[i] for i in stuck], self._table_changed))
                     self._holding.add(held)
                     held.add_done_callback(self._holding.discard)
                 go = [i for i in range(len(reqs)) if i not in e.experts]
@@ -495,28 +499,36 @@ class Router:
         asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
                                              (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
 
-    async def _hold(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
-                    started: tuple[float, float], waited_until: float, experts: list[int], changed: asyncio.Event) -> None:
+    async def _hold(self, layer: int, reqs: list[Pending], experts: list[int], changed: asyncio.Event) -> None:
         """Requests that need an expert with no live replica (failover 'wait', `experts[i]` the one
-        request i lacks): planned again when a table or a revived group may give one (held again if
-        not), failed at `waited_until`; those whose callers have gone are dropped."""
+        request i lacks), each until its own `hold_until`. When a table or a revived group may give one,
+        those still waiting go back to the batcher with their assignments: released together, every
+        request held meanwhile leaves in as few batches as `batch_max_tokens` allows, behind the
+        batches in flight (not one batch per batch that was held, each reading its experts' weights
+        again). Those past their time fail; those whose callers have gone are dropped. The wait counts
+        as the requests' queueing in the stage metrics."""
         try:
-            remaining = waited_until - time.monotonic()
+            remaining = min(r.hold_until or 0.0 for r in reqs) - time.monotonic()
             if remaining > 0:
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=remaining)
                 except asyncio.TimeoutError:
                     pass
-            live = [i for i, r in enumerate(reqs) if not r.future.done()]
-            if time.monotonic() >= waited_until:
-                for i in live:
-                    _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=experts[i], reason="no live replica within failover_wait_s"))
-            elif live:
-                await self._serve(layer, [reqs[i] for i in live], [assignments[i] for i in live], trace, started, waited_until)
-        except (Exception, asyncio.CancelledError) as e:  # the wait's own (_serve ends the requests it took)
+        except (Exception, asyncio.CancelledError) as e:  # the wait's own (cancelled with the router)
             _settle(reqs, e)
             if isinstance(e, asyncio.CancelledError):
                 raise
+            return
+        now = time.monotonic()
+        back = []
+        for r, expert in zip(reqs, experts):
+            if r.future.done():
+                continue
+            if now >= (r.hold_until or 0.0):
+                _settle([r], ExpertUnavailableError(layer=layer, expert=expert, reason="no live replica within failover_wait_s"))
+            else:
+                back.append(r)
+        self.batcher.requeue(layer, back)
 
     def _keep_books(self, layer: int, reqs: list[Pending], assignments: list[Assignments], degraded: list[int], used: str,
                     times: tuple[float, float, float, float, float | None]) -> None:

@@ -516,6 +516,37 @@ def test_request_waiting_on_a_silent_group_goes_on_when_it_answers_again(ray_loc
         dep.shutdown()
 
 
+def test_requests_held_from_many_batches_leave_together_when_a_host_returns(ray_local) -> None:
+    """failover=wait, no supervisor, no other replica: requests sent one after another while their
+    experts' only group is silent are each held from a batch of its own. When the group answers again
+    they go back to the batcher together and leave in one or two batches (not one per batch held,
+    each reading the experts' weights again). Every answer exact."""
+    dep, ref = _deploy("forelease", replicas=1, failover="wait", supervisor=False)
+    pid = _pid(dep.groups[0])
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(16, 32, generator=gen) for _ in range(10)]
+    stopped = False
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        stopped = True
+        _until(lambda: _dead(dep) == [0], "the silent group was never noticed")
+        refs = []
+        for x in xs:
+            refs.append(dep.submit(x, 0))
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.3)  # planned and held before the next is sent
+            assert not ready, "answered while its experts' only group was stopped"
+        batches = _status(dep)["counters"]["batches"]
+        os.kill(pid, signal.SIGCONT)
+        stopped = False
+        for r, x in zip(refs, xs):
+            assert _rel(dep.result(r, x, timeout=NOTICED_S), ref.forward(x, 0)) < 1e-6
+        assert _status(dep)["counters"]["batches"] - batches <= 2
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        dep.shutdown()
+
+
 def test_group_whose_compute_hangs_is_planned_around_and_nothing_is_lost(ray_local) -> None:
     """A group whose batch never returns while its process answers (a hung kernel): once that batch has
     computed longer than compute_timeout_s its pings answer False, the router gives up what it sent

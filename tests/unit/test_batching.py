@@ -89,6 +89,32 @@ def test_requests_arriving_while_a_batch_flies_leave_together_when_it_ends() -> 
     asyncio.run(main())
 
 
+def test_requests_released_together_leave_in_one_batch_or_behind_the_one_in_flight() -> None:
+    """`requeue` (requests that waited for a live replica, released by one event): several calls in
+    one loop turn on an idle layer make one batch; a full queue still leaves at batch_max_tokens;
+    with a batch in flight they wait for it, as added requests do."""
+    async def main() -> None:
+        b, runner = _batcher(batch_max_tokens=8, batch_max_wait_us=10_000_000)
+        b.requeue(0, [_pending("a"), _pending("b")])
+        b.requeue(0, [_pending("c")])  # the same turn: joins
+        assert runner.batches == []
+        await _turns()
+        assert runner.batches == [(0, ["a", "b", "c"])]
+        b.requeue(0, [_pending(r) for r in "defgh"])  # 10 tokens: d..g fill a batch (8) at once; h waits
+        await _turns()
+        assert runner.batches[1:] == [(0, ["d", "e", "f", "g"])]
+        runner.release[0].set()
+        await _turns()
+        assert len(runner.batches) == 2  # one still in flight (batch_max_in_flight=1)
+        runner.release[1].set()
+        await _turns()
+        assert runner.batches[2:] == [(0, ["h"])]
+        for e in runner.release.values():
+            e.set()
+        await _turns()
+    asyncio.run(main())
+
+
 def test_a_full_queue_leaves_at_once_and_layers_batch_apart() -> None:
     async def main() -> None:
         b, runner = _batcher(batch_max_tokens=5, batch_max_wait_us=10_000_000)
