@@ -115,8 +115,8 @@ def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor, min_rows: int = 1
     gets: at a few rows a second copy only doubles the bytes read). Of the copies it may use, those
     owed the most rows (`credit_ER`) are chosen; its assignments of rank r (of n, in order) go to the
     first of them whose cumulative share exceeds (r + 0.5) / n. With every copy in use this is the
-    table's load split; over batches each copy gets its share of the rows (the credit carries what a
-    batch owed a copy and did not give it).
+    table's load split; over the batches that use fewer, each copy gets its share of their rows (the
+    credit carries what such a batch owed a copy and did not give it).
 
     `cum_ER`: (E+1, R) cumulative shares of the live copies (RoutingTable.split_alive). `credit_ER`:
     updated in place (see `copy_credit`); None: no memory across batches (every copy in use).
@@ -130,12 +130,16 @@ def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor, min_rows: int = 1
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n) - starts[sorted_e]
     share_ER = torch.diff(cum_ER, dim=1, prepend=torch.zeros((cum_ER.shape[0], 1), dtype=cum_ER.dtype))
-    cum = cum_ER if credit_ER is None else _narrow(cum_ER, share_ER, counts, max(1, int(min_rows)), credit_ER)
+    cum, narrowed_E = (cum_ER, None) if credit_ER is None else _narrow(cum_ER, share_ER, counts, max(1, int(min_rows)), credit_ER)
     u = ((rank.double() + 0.5) / counts[sorted_e].double()).unsqueeze(1)
     pick_sorted = (cum[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
-    if credit_ER is not None:
+    if narrowed_E is not None:
+        # NOTE: only experts that used fewer than all their copies: the rank rule over all of them rounds
+        # the same way every batch (the later copy takes an odd row), and a credit kept through a busy
+        # spell would then send a quiet one's batches to one copy until that debt was paid.
         given = torch.zeros_like(credit_ER).index_put_((sorted_e, pick_sorted), torch.ones(n, dtype=credit_ER.dtype), accumulate=True)
-        credit_ER += counts.unsqueeze(1).to(credit_ER.dtype) * share_ER - given
+        due = counts.unsqueeze(1).to(credit_ER.dtype) * share_ER - given
+        credit_ER += torch.where(narrowed_E.unsqueeze(1), due, 0.0)
     pick = torch.empty_like(expert_N)
     pick[order] = pick_sorted
     return pick
@@ -151,20 +155,23 @@ def copy_credit(cum_ER: torch.Tensor) -> torch.Tensor:
     return (usable_ER & (slot_ER == first_E.unsqueeze(1))).to(torch.float64) * 0.5
 
 
-def _narrow(cum_ER: torch.Tensor, share_ER: torch.Tensor, counts_E: torch.Tensor, min_rows: int, credit_ER: torch.Tensor) -> torch.Tensor:
-    """Cumulative shares over the copies each expert uses this batch: the ceil(n / min_rows) (at most
-    all) usable ones owed the most rows, after this batch's due. `cum_ER` itself when every expert
-    of the batch uses all its copies."""
+def _narrow(cum_ER: torch.Tensor, share_ER: torch.Tensor, counts_E: torch.Tensor, min_rows: int,
+            credit_ER: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cumulative shares over the copies each expert uses this batch, the ceil(n / min_rows) (at most
+    all) usable ones owed the most rows after this batch's due, and which experts of the batch use
+    fewer than all. (`cum_ER`, None) when every expert of the batch uses all its copies."""
     usable_ER = share_ER > 0
     copies_E = usable_ER.sum(1)
     k_E = torch.minimum((counts_E + min_rows - 1) // min_rows, copies_E).clamp_min(1)
-    if bool((k_E >= copies_E)[counts_E > 0].all()):
-        return cum_ER
+    narrowed_E = (k_E < copies_E) & (counts_E > 0)
+    if not bool(narrowed_E.any()):
+        return cum_ER, None
     owed_ER = torch.where(usable_ER, credit_ER + counts_E.unsqueeze(1).to(credit_ER.dtype) * share_ER, -torch.inf)
     by_owed = torch.argsort(owed_ER, dim=1, descending=True, stable=True)
     place_ER = torch.empty_like(by_owed).scatter_(1, by_owed, torch.arange(share_ER.shape[1]).expand_as(by_owed).contiguous())
     chosen_ER = usable_ER & (place_ER < k_E.unsqueeze(1))
-    return _pinned(torch.where(chosen_ER, share_ER, 0.0), chosen_ER)
+    narrow_ER = _pinned(torch.where(chosen_ER, share_ER, 0.0), chosen_ER)
+    return torch.where(narrowed_E.unsqueeze(1), narrow_ER, cum_ER), narrowed_E
 
 
 def _pinned(share_ER: torch.Tensor, used_ER: torch.Tensor) -> torch.Tensor:

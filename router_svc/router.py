@@ -174,6 +174,7 @@ class Router:
         self._watching: set[_Watch] = set()
         # requests waiting apart for a live replica (failover 'wait'), see _hold
         self._holding: set[asyncio.Task] = set()
+        self._closing = False  # shutdown began
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {}}
@@ -297,6 +298,7 @@ class Router:
         self.chain = tuple(ranked + [t for t in self._chain_for("auto") if t not in ranked])
 
     async def shutdown(self) -> None:
+        self._closing = True  # from here a request finding no live replica ends (cancelled), never waits
         if self._health_task is not None:
             self._health_task.cancel()
         for held in list(self._holding):  # requests waiting for a live replica end with the router
@@ -417,7 +419,8 @@ class Router:
     async def _serve_owned(self, layer: int, reqs: list[Pending], assignments: list[Assignments], trace: str,
                            started: tuple[float, float]) -> None:
         """`_serve`'s work; `reqs` and `assignments` are narrowed in place to the requests still its own.
-        `started`: when the batch began and when its gate was done (a wait for a live replica counts as dispatch)."""
+        `started`: when the batch began and when its gate was done (a wait for a live replica is not in this
+        batch: the requests go back to the batcher, so it counts as their queueing)."""
         m = self.metrics
         t_start, t_gate = started
         retries = 0  # batches given up on dead groups; waits for a live replica do not count
@@ -432,6 +435,8 @@ class Router:
                 if self.config.failover == "fail":
                     for i in stuck:
                         _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=e.experts[i], reason="no live replica (failover policy 'fail')"))
+                elif self._closing:  # the router is going: nothing waits past it (a request released as it went)
+                    _settle([reqs[i] for i in stuck], asyncio.CancelledError())
                 else:
                     # NOTE: failover 'wait': held until the supervisor publishes a table with a live host. The
                     # event is taken now, with the plan that found none: a change in the meantime wakes it.

@@ -89,8 +89,9 @@ class RoutingTable:
     def split_alive(self, layer: int, dead: frozenset[int] = frozenset()) -> torch.Tensor:
         """(E+1, R) cumulative token shares of the live copies, in `lookup_alive`'s order, ending at 1.
 
-        A router sends an expert's tokens of rank r (of n) to the first copy whose cumulative share
-        exceeds (r + 0.5) / n. Without shares, or when a slot's live copies have none, the split is even.
+        With every copy in use, a router sends an expert's tokens of rank r (of n) to the first copy
+        whose cumulative share exceeds (r + 0.5) / n; a few rows go to fewer copies (see
+        dispatch.split_copies). Without shares, or when a slot's live copies have none, the split is even.
         """
         key = ("split", layer, dead)
         if key not in self._lookup:

@@ -220,6 +220,17 @@ def test_few_rows_of_an_expert_go_to_one_copy_and_copies_take_turns_by_their_sha
     assert credit.abs().max() <= 5
 
 
+def test_a_busy_spell_leaves_no_debt_for_the_quiet_one_after() -> None:
+    """Batches that use every copy follow the table's rank rule and owe nothing after: 500 batches of
+    17 rows (the later copy takes the odd row each time), then lone rows still take turns at once."""
+    cum = torch.tensor([[0.5, 1.0]], dtype=torch.float64)
+    credit = copy_credit(cum)
+    for _ in range(500):
+        split_copies(torch.zeros(17, dtype=torch.int64), cum, 8, credit)
+    quiet = [int(split_copies(torch.zeros(1, dtype=torch.int64), cum, 8, credit)[0]) for _ in range(20)]
+    assert sorted(set(quiet)) == [0, 1] and all(a != b for a, b in zip(quiet, quiet[1:])), quiet
+
+
 def test_rows_past_min_rows_spread_over_as_many_copies_as_they_fill() -> None:
     cum = torch.tensor([[1 / 3, 2 / 3, 1.0]], dtype=torch.float64)
     for n, copies in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 3), (100, 3)]:
