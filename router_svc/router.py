@@ -5,8 +5,8 @@ request -> plan (sort by group, slot) -> dispatch to every group at once -> comb
 -> shared experts -> split back per request.
 
 NOTE: isolation. Gate, capacity and expert choice run per request, before requests
-are merged; merging only concatenates rows for dispatch. A request's output never
-depends on what it was batched with.
+are merged; merging only concatenates rows for dispatch (router_svc.planner). A
+request's output never depends on what it was batched with.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from expert_workers import tie, wire
 from expert_workers.errors import BackPressureError, ExpertUnavailableError
@@ -31,14 +30,14 @@ from expert_workers.weights import RouterWeights
 from router_svc import admission
 from router_svc.batching import Batcher, Pending
 from router_svc.config import DataPlaneConfig
-from router_svc.dispatch import combine, copy_credit, plan_rows, reroute_lost, split_copies
-from router_svc.gate import Assignments, GateInput, RoutingStats, route, router_logits, routing_stats
+from router_svc.dispatch import combine
+from router_svc.gate import Assignments, RoutingStats, routing_stats
 from router_svc.local import SharedExperts
-from router_svc.table import RoutingTable, layer_orders
+from router_svc.planner import NoLiveReplica, Planned, Planner
+from router_svc.table import RoutingTable
 from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, make_tracer
 from router_svc.usage import Usage
-from router_svc.transports import (FALLBACKS, TRANSPORTS, Batch, GroupsDown, Part, RdtTransport, Transport, TransportError,
-                                   ping_answers)
+from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, RdtTransport, Transport, TransportError, ping_answers
 
 if TYPE_CHECKING:
     from router_svc.gateway import GatewayConfig
@@ -63,15 +62,6 @@ class ForwardOutput:
     transport: str = ""
     batch_requests: int = 1
     routing_table_version: int = 0
-
-
-class _NoLiveReplica(Exception):
-    """Requests of a batch need experts with no live replica: request index -> the first such expert
-    (-1 for the shared slot)."""
-
-    def __init__(self, experts: dict[int, int]) -> None:
-        super().__init__(experts)
-        self.experts = experts
 
 
 def _rows(reqs: Sequence[Pending]) -> torch.Tensor:
@@ -155,8 +145,7 @@ class Router:
         self.table = table
         self.groups = list(groups)
         self.addresses = [g.grpc_address for g in table.groups]
-        # per layer: ((table version, dead groups), rows owed to each live copy); see _copy_credit
-        self._credits: dict[int, tuple[tuple[int, frozenset[int]], torch.Tensor]] = {}
+        self.planner = Planner(self.spec, config, self.gates, self.shared_gates)
         self.transports: dict[str, Transport] = {}
         for tname, cls in TRANSPORTS.items():
             if cls is RdtTransport:
@@ -430,25 +419,8 @@ class Router:
             try:
                 version = self.table.version
                 batch, plan, offsets, degraded = self._plan(layer, assignments, x_all, [r.request_id for r in reqs])
-            except _NoLiveReplica as e:
-                stuck = [i for i in range(len(reqs)) if i in e.experts]
-                if self.config.failover == "fail":
-                    for i in stuck:
-                        _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=e.experts[i], reason="no live replica (failover policy 'fail')"))
-                elif self._closing:  # the router is going: nothing waits past it (a request released as it went)
-                    _settle([reqs[i] for i in stuck], asyncio.CancelledError())
-                else:
-                    # NOTE: failover 'wait': held until the supervisor publishes a table with a live host. The
-                    # event is taken now, with the plan that found none: a change in the meantime wakes it.
-                    now = time.monotonic()
-                    for i in stuck:
-                        reqs[i].assignments = assignments[i]
-                        if reqs[i].hold_until is None:  # held again after a release: its first deadline stands
-                            reqs[i].hold_until = now + self.config.failover_wait_s
-                    held = asyncio.get_running_loop().create_task(
-                        self._hold(layer, [reqs[i] for i in stuck], [e.experts[i] for i in stuck], self._table_changed))
-                    self._holding.add(held)
-                    held.add_done_callback(self._holding.discard)
+            except NoLiveReplica as e:
+                self._set_aside(layer, reqs, assignments, e.experts)
                 go = [i for i in range(len(reqs)) if i not in e.experts]
                 reqs[:], assignments[:] = [reqs[i] for i in go], [assignments[i] for i in go]
                 if not reqs:
@@ -504,6 +476,28 @@ class Router:
         asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
                                              (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
 
+    def _set_aside(self, layer: int, reqs: list[Pending], assignments: list[Assignments], lacking: dict[int, int]) -> None:
+        """Requests `lacking` an expert with no live replica (request index -> that expert): failed under
+        failover 'fail' (or cancelled once the router is going); under 'wait' held apart (`_hold`) until
+        a table or a revived group may give one, each until its own deadline."""
+        stuck = sorted(lacking)
+        if self.config.failover == "fail":
+            for i in stuck:
+                _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=lacking[i], reason="no live replica (failover policy 'fail')"))
+            return
+        if self._closing:  # the router is going: nothing waits past it (a request released as it went)
+            _settle([reqs[i] for i in stuck], asyncio.CancelledError())
+            return
+        now = time.monotonic()
+        for i in stuck:
+            reqs[i].assignments = assignments[i]
+            if reqs[i].hold_until is None:  # held again after a release: its first deadline stands
+                reqs[i].hold_until = now + self.config.failover_wait_s
+        # NOTE: the event is taken now, with the plan that found no host: a change in the meantime wakes it.
+        held = asyncio.get_running_loop().create_task(self._hold(layer, [reqs[i] for i in stuck], [lacking[i] for i in stuck], self._table_changed))
+        self._holding.add(held)
+        held.add_done_callback(self._holding.discard)
+
     async def _hold(self, layer: int, reqs: list[Pending], experts: list[int], changed: asyncio.Event) -> None:
         """Requests that need an expert with no live replica (failover 'wait', `experts[i]` the one
         request i lacks), each until its own `hold_until`. When a table or a revived group may give one,
@@ -557,67 +551,11 @@ class Router:
                 "version": table.version, "usage": usage, "degraded": {str(l): n for l, n in self.degraded_tokens.items()}}
 
     def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
-        gate = self.gates[layer]
-        logits = router_logits(x_TD, gate.weight, self.spec.routing)
-        return route(GateInput(logits_TE=logits, correction_bias_E=gate.correction_bias, token_ids_T=ids), self.spec.routing)
+        return self.planner.assign(layer, x_TD, ids)
 
-    def _plan(self, layer: int, assignments: list[Assignments], x_all: torch.Tensor, request_ids: Sequence[str] = ()):
-        """Merge per-request assignments (token indices offset), add shared-slot rows, sort by (group, slot)."""
-        sizes, tokens, experts, weights = [0], [], [], []
-        for a in assignments:
-            n = int(a.logits_TE.shape[0])
-            tokens.append(a.token_N + sizes[-1] if sizes[-1] else a.token_N)
-            experts.append(a.expert_N)
-            weights.append(a.weight_N)
-            sizes.append(sizes[-1] + n)
-        total = sizes[-1]
-        if self.config.shared_experts == "slot" and self.spec.shared_experts.count:
-            all_tokens = torch.arange(total)
-            gate = self.shared_gates.get(layer)
-            # NOTE: the gate as SharedExperts runs it (in the compute dtype), so both placements agree.
-            w = torch.ones(total) if gate is None else torch.sigmoid(F.linear(x_all, gate)).squeeze(-1)
-            tokens.append(all_tokens)
-            experts.append(torch.full((total,), self.spec.num_experts, dtype=torch.int64))
-            weights.append(w)
-        # NOTE: a lone request's tensors as they are: a cat of one, like every op here, costs more than
-        # its arithmetic on a router's small batches.
-        token_N, expert_N, weight_N = (t[0] if len(t) == 1 else torch.cat(t) for t in (tokens, experts, weights))
-        weight_N = weight_N.float()
-        dead = frozenset(self.dead)
-        group_ER, local_ER, count_E = self.table.lookup_alive(layer, dead)
-        degraded: list[int] = []
-        routed_live, shared_live = self.table.live_everywhere(layer, dead)
-        if not (routed_live and (shared_live or len(tokens) == len(assignments))) and bool((count_E[expert_N] == 0).any()):
-            lost = count_E[expert_N] == 0
-            if self.config.failover in ("wait", "fail"):
-                # NOTE: per request: those that need none of the lost experts are served all the same.
-                request_N = torch.searchsorted(torch.tensor(sizes[1:]), token_N[lost], right=True)
-                lacking: dict[int, int] = {}
-                for i, e in zip(request_N.tolist(), expert_N[lost].tolist()):
-                    lacking.setdefault(i, -1 if e == self.spec.num_experts else e)
-                raise _NoLiveReplica(lacking)
-            degraded = sorted(set(token_N[lost].tolist()))
-            if self.config.failover == "reroute":
-                logits_TE = torch.cat([a.logits_TE.float() for a in assignments])
-                expert_N, lost = reroute_lost(token_N, expert_N, lost, logits_TE, count_E[: self.spec.num_experts] > 0)
-            keep = ~lost
-            token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
-        cum_ER = self.table.split_alive(layer, dead)
-        pick_N = split_copies(expert_N, cum_ER, self.config.replica_min_rows, self._copy_credit(layer, dead, cum_ER))
-        g_N, l_N = group_ER[expert_N, pick_N], local_ER[expert_N, pick_N]
-        plan = plan_rows(token_N, weight_N, g_N, l_N, orders=layer_orders(self.table, layer), part_type=Part)
-        x_sorted = x_all.index_select(0, plan.token_N)
-        batch = Batch(layer=layer, x_ND=x_sorted, parts=plan.parts, groups=self.groups, addresses=self.addresses, request_ids=tuple(request_ids))
-        return batch, plan, sizes, degraded
-
-    def _copy_credit(self, layer: int, dead: frozenset[int], cum_ER: torch.Tensor) -> torch.Tensor:
-        """The layer's rows owed to each live copy (see dispatch.split_copies), afresh with each table
-        or set of dead groups (the copies it counts for change with them)."""
-        key = (self.table.version, dead)
-        held = self._credits.get(layer)
-        if held is None or held[0] != key:
-            held = self._credits[layer] = (key, copy_credit(cum_ER))
-        return held[1]
+    def _plan(self, layer: int, assignments: list[Assignments], x_all: torch.Tensor, request_ids: Sequence[str] = ()) -> Planned:
+        """Plan on the current table, around the groups known dead (see Planner.plan)."""
+        return self.planner.plan(layer, assignments, x_all, request_ids, self.table, frozenset(self.dead), self.groups, self.addresses)
 
     async def _dispatch(self, batch: Batch) -> tuple[torch.Tensor, str]:
         """Try the transports of the chain in order, per batch; the first that answers wins.
