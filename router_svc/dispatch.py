@@ -112,11 +112,12 @@ def plan_rows(token_N: torch.Tensor, weight_N: torch.Tensor, g_N: torch.Tensor, 
 def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor, min_rows: int = 1, credit_ER: torch.Tensor | None = None) -> torch.Tensor:
     """Which live copy takes each assignment. An expert's n assignments in this batch go to at most
     ceil(n / min_rows) of its copies (a copy reads all of the expert's weights however few rows it
-    gets: at a few rows a second copy only doubles the bytes read). Of the copies it may use, those
-    owed the most rows (`credit_ER`) are chosen; its assignments of rank r (of n, in order) go to the
-    first of them whose cumulative share exceeds (r + 0.5) / n. With every copy in use this is the
-    table's load split; over the batches that use fewer, each copy gets its share of their rows (the
-    credit carries what such a batch owed a copy and did not give it).
+    gets: at a few rows a second copy only doubles the bytes read). With every copy in use, its
+    assignments of rank r (of n, in order) go to the first copy whose cumulative share exceeds
+    (r + 0.5) / n (the table's load split). With fewer, the k copies owed the most rows (`credit_ER`)
+    are chosen and take blocks of the ranks, at least one row each, more to those owed more (see
+    `_blocks`); over such batches each copy gets its share of their rows (the credit carries what a
+    batch owed a copy and did not give it).
 
     `cum_ER`: (E+1, R) cumulative shares of the live copies (RoutingTable.split_alive). `credit_ER`:
     updated in place (see `copy_credit`); None: no memory across batches (every copy in use).
@@ -170,8 +171,26 @@ def _narrow(cum_ER: torch.Tensor, share_ER: torch.Tensor, counts_E: torch.Tensor
     by_owed = torch.argsort(owed_ER, dim=1, descending=True, stable=True)
     place_ER = torch.empty_like(by_owed).scatter_(1, by_owed, torch.arange(share_ER.shape[1]).expand_as(by_owed).contiguous())
     chosen_ER = usable_ER & (place_ER < k_E.unsqueeze(1))
-    narrow_ER = _pinned(torch.where(chosen_ER, share_ER, 0.0), chosen_ER)
+    narrow_ER = _blocks(torch.where(chosen_ER, owed_ER, 0.0), chosen_ER, counts_E, k_E)
     return torch.where(narrowed_E.unsqueeze(1), narrow_ER, cum_ER), narrowed_E
+
+
+def _blocks(owed_ER: torch.Tensor, chosen_ER: torch.Tensor, counts_E: torch.Tensor, k_E: torch.Tensor) -> torch.Tensor:
+    """Cumulative fractions of each expert's n rows for its k chosen copies: one row each, the other
+    n - k by what each copy is owed (largest remainder), so the copy owed most gets most and every
+    chosen copy's credit comes down. (By shares alone, a copy with a small one could be chosen and
+    get no row, batch after batch, its credit growing for ever; by even blocks, a copy with a large
+    one would get less than its due every batch.) Row boundaries are whole rows: the rank rule then
+    gives each copy exactly its count."""
+    extra_E = (counts_E - k_E).clamp_min(0).to(owed_ER.dtype)
+    w_ER = torch.where(chosen_ER, owed_ER.clamp_min(0.0) + 1e-9, 0.0)
+    quota_ER = extra_E.unsqueeze(1) * w_ER / w_ER.sum(1, keepdim=True).clamp_min(1e-12)
+    base_ER = quota_ER.floor()
+    left_E = (extra_E - base_ER.sum(1)).round().to(torch.int64)
+    by_rem = torch.argsort(torch.where(chosen_ER, quota_ER - base_ER, -1.0), dim=1, descending=True, stable=True)
+    top_ER = torch.empty_like(by_rem).scatter_(1, by_rem, torch.arange(owed_ER.shape[1]).expand_as(by_rem).contiguous()) < left_E.unsqueeze(1)
+    rows_ER = torch.where(chosen_ER, 1.0 + base_ER + top_ER.to(owed_ER.dtype), 0.0)
+    return _pinned(rows_ER, chosen_ER)
 
 
 def _pinned(share_ER: torch.Tensor, used_ER: torch.Tensor) -> torch.Tensor:

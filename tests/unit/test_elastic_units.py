@@ -231,6 +231,22 @@ def test_a_busy_spell_leaves_no_debt_for_the_quiet_one_after() -> None:
     assert sorted(set(quiet)) == [0, 1] and all(a != b for a, b in zip(quiet, quiet[1:])), quiet
 
 
+@pytest.mark.parametrize("shares, n, min_rows", [([0.495, 0.495, 0.01], 2, 1), ([0.01, 0.495, 0.495], 20, 16), ([0.6, 0.3, 0.1], 3, 2)])
+def test_a_copy_with_a_small_share_gets_it_and_no_credit_grows(shares: list[float], n: int, min_rows: int) -> None:
+    """Three unequal copies, batches using two of them: every chosen copy gets rows, so each copy's
+    rows follow its share and the credit stays bounded (a chosen copy given none would be owed ever more)."""
+    cum = torch.tensor([shares], dtype=torch.float64).cumsum(1)
+    cum[0, -1] = 1.0
+    credit = copy_credit(cum)
+    rows = [0, 0, 0]
+    for _ in range(3000):
+        for j in split_copies(torch.zeros(n, dtype=torch.int64), cum, min_rows, credit).tolist():
+            rows[j] += 1
+    assert credit.abs().max() <= n + 1, credit
+    for got, share in zip(rows, shares):
+        assert abs(got - share * 3000 * n) <= n + 1, rows
+
+
 def test_rows_past_min_rows_spread_over_as_many_copies_as_they_fill() -> None:
     cum = torch.tensor([[1 / 3, 2 / 3, 1.0]], dtype=torch.float64)
     for n, copies in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 3), (100, 3)]:
