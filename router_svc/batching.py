@@ -89,6 +89,21 @@ class Batcher:
             else:
                 self._timers[layer] = asyncio.get_running_loop().call_later(self.config.batch_max_wait_us / 1e6, self.flush, layer)
 
+    def close(self) -> None:
+        """The router is going: queued requests are cancelled, batches running in their own tasks too
+        (their requests end cancelled), and no timer lets another batch out."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for reqs in self._queues.values():
+            for p in reqs:
+                if not p.future.done():
+                    p.future.cancel()
+        self._queues.clear()
+        self._queued_tokens.clear()
+        for task in list(self._running):
+            task.cancel()
+
     def flush(self, layer: int, inline: bool = False) -> Coroutine[Any, Any, None] | None:
         """Let the layer's queued requests out as one batch (a task, or returned when `inline`)."""
         timer = self._timers.pop(layer, None)

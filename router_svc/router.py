@@ -287,11 +287,12 @@ class Router:
         self.chain = tuple(ranked + [t for t in self._chain_for("auto") if t not in ranked])
 
     async def shutdown(self) -> None:
-        self._closing = True  # from here a request finding no live replica ends (cancelled), never waits
+        self._closing = True  # from here new requests are refused; one finding no live replica ends (cancelled), never waits
         if self._health_task is not None:
             self._health_task.cancel()
         for held in list(self._holding):  # requests waiting for a live replica end with the router
             held.cancel()
+        self.batcher.close()  # queued requests and batches in their own tasks end with it too
         if self.gateway is not None:
             await self.gateway.stop()
         for t in self.transports.values():
@@ -343,6 +344,8 @@ class Router:
         """Admit one request (limits, shape, dtype, layer, values, token ids) and await its batch."""
         # NOTE: its form first, then the limits (as the gateway checks): a malformed request is
         # INVALID_ARGUMENT, never told to come back later.
+        if self._closing:
+            raise ExpertUnavailableError(layer=layer if isinstance(layer, int) else -1, expert=-1, reason="the router is shutting down")
         layer = admission.check_layer(layer, self.spec)
         admission.check_hidden(t, self.spec)
         tokens = t.numel() // max(t.shape[-1], 1) if t.dim() else 0
@@ -685,7 +688,7 @@ class Router:
         """Switch the transport mode at run time (same chains as `deployment.transport`)."""
         if mode not in FALLBACKS:
             raise ValueError(f"unknown transport mode {mode!r}; expected one of {sorted(FALLBACKS)}")
-        self.config = replace(self.config, transport=mode)
+        self.config = self.planner.config = self.batcher.config = replace(self.config, transport=mode)  # one config for all three
         self.chain = self._chain_for(mode)
         rdt = self.transports["rdt"]
         if "rdt" in self.chain and not rdt.ready:

@@ -472,3 +472,16 @@ def test_an_experts_few_rows_go_to_one_copy_copies_take_turns_and_many_rows_spli
         assert send(16) == [8, 8]  # both copies, half each (even shares)
     finally:
         dep.shutdown()
+
+
+def test_a_router_shutting_down_refuses_new_requests_with_a_reason(ray_local, random_spec) -> None:
+    dep = deploy({"model": {"random": random_spec}, "gateway": {"enabled": False},
+                  "deployment": {"name": "closing", "expert_groups": 1, "supervisor": False}})
+    try:
+        x = torch.ones(2, random_spec["hidden_size"])
+        assert dep.forward(x, 0).shape == x.shape
+        ray.get(dep.routers[0].shutdown.remote())
+        with pytest.raises(ray.exceptions.RayTaskError, match="the router is shutting down"):
+            ray.get(dep.routers[0].forward.remote(x.numpy(), "float32", 0))
+    finally:
+        dep.shutdown()

@@ -115,6 +115,24 @@ def test_requests_released_together_leave_in_one_batch_or_behind_the_one_in_flig
     asyncio.run(main())
 
 
+def test_close_cancels_what_is_queued_and_running_and_lets_no_batch_out() -> None:
+    async def main() -> None:
+        b, runner = _batcher(batch_max_wait_us=10_000_000)
+        running = asyncio.ensure_future(b.add(0, _pending("a")))  # type: ignore[arg-type]
+        await _turns()
+        queued = _pending("b")
+        b.add(0, queued)
+        released = _pending("c")
+        b.requeue(1, [released])  # a flush due on the next turn, on an idle layer
+        b.close()
+        await _turns()
+        assert queued.future.cancelled() and released.future.cancelled()
+        assert runner.batches == [(0, ["a"])]  # nothing left after close
+        running.cancel()  # an inline batch is its caller's: it ends with the caller's task
+        await asyncio.gather(running, return_exceptions=True)
+    asyncio.run(main())
+
+
 def test_a_full_queue_leaves_at_once_and_layers_batch_apart() -> None:
     async def main() -> None:
         b, runner = _batcher(batch_max_tokens=5, batch_max_wait_us=10_000_000)
