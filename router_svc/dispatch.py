@@ -130,7 +130,7 @@ def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor, min_rows: int = 1
     counts = torch.bincount(sorted_e, minlength=cum_ER.shape[0])
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n) - starts[sorted_e]
-    share_ER = torch.diff(cum_ER, dim=1, prepend=torch.zeros((cum_ER.shape[0], 1), dtype=cum_ER.dtype))
+    share_ER = None if credit_ER is None else _shares(cum_ER)
     cum, narrowed_E = (cum_ER, None) if credit_ER is None else _narrow(cum_ER, share_ER, counts, max(1, int(min_rows)), credit_ER)
     u = ((rank.double() + 0.5) / counts[sorted_e].double()).unsqueeze(1)
     pick_sorted = (cum[sorted_e] <= u).sum(1).clamp_max(cum_ER.shape[1] - 1)
@@ -149,8 +149,7 @@ def split_copies(expert_N: torch.Tensor, cum_ER: torch.Tensor, min_rows: int = 1
 def copy_credit(cum_ER: torch.Tensor) -> torch.Tensor:
     """A fresh credit for `split_copies` over the live copies of `cum_ER`: expert e first favours its
     copy e mod (its copies), so experts that each fit one copy start out spread over the groups."""
-    share_ER = torch.diff(cum_ER, dim=1, prepend=torch.zeros((cum_ER.shape[0], 1), dtype=cum_ER.dtype))
-    usable_ER = share_ER > 0
+    usable_ER = _shares(cum_ER) > 0
     slot_ER = usable_ER.cumsum(1) - 1  # each usable copy's index among the expert's usable copies
     first_E = torch.arange(cum_ER.shape[0]) % usable_ER.sum(1).clamp_min(1)
     return (usable_ER & (slot_ER == first_E.unsqueeze(1))).to(torch.float64) * 0.5
@@ -168,9 +167,7 @@ def _narrow(cum_ER: torch.Tensor, share_ER: torch.Tensor, counts_E: torch.Tensor
     if not bool(narrowed_E.any()):
         return cum_ER, None
     owed_ER = torch.where(usable_ER, credit_ER + counts_E.unsqueeze(1).to(credit_ER.dtype) * share_ER, -torch.inf)
-    by_owed = torch.argsort(owed_ER, dim=1, descending=True, stable=True)
-    place_ER = torch.empty_like(by_owed).scatter_(1, by_owed, torch.arange(share_ER.shape[1]).expand_as(by_owed).contiguous())
-    chosen_ER = usable_ER & (place_ER < k_E.unsqueeze(1))
+    chosen_ER = usable_ER & (_places(owed_ER) < k_E.unsqueeze(1))
     narrow_ER = _blocks(torch.where(chosen_ER, owed_ER, 0.0), chosen_ER, counts_E, k_E)
     return torch.where(narrowed_E.unsqueeze(1), narrow_ER, cum_ER), narrowed_E
 
@@ -187,10 +184,20 @@ def _blocks(owed_ER: torch.Tensor, chosen_ER: torch.Tensor, counts_E: torch.Tens
     quota_ER = extra_E.unsqueeze(1) * w_ER / w_ER.sum(1, keepdim=True).clamp_min(1e-12)
     base_ER = quota_ER.floor()
     left_E = (extra_E - base_ER.sum(1)).round().to(torch.int64)
-    by_rem = torch.argsort(torch.where(chosen_ER, quota_ER - base_ER, -1.0), dim=1, descending=True, stable=True)
-    top_ER = torch.empty_like(by_rem).scatter_(1, by_rem, torch.arange(owed_ER.shape[1]).expand_as(by_rem).contiguous()) < left_E.unsqueeze(1)
+    top_ER = _places(torch.where(chosen_ER, quota_ER - base_ER, -1.0)) < left_E.unsqueeze(1)
     rows_ER = torch.where(chosen_ER, 1.0 + base_ER + top_ER.to(owed_ER.dtype), 0.0)
     return _pinned(rows_ER, chosen_ER)
+
+
+def _shares(cum_ER: torch.Tensor) -> torch.Tensor:
+    """Each copy's share, from the cumulative shares."""
+    return torch.diff(cum_ER, dim=1, prepend=torch.zeros((cum_ER.shape[0], 1), dtype=cum_ER.dtype))
+
+
+def _places(score_ER: torch.Tensor) -> torch.Tensor:
+    """Each column's place in its row by score, highest first (0 for the highest; ties by column)."""
+    by = torch.argsort(score_ER, dim=1, descending=True, stable=True)
+    return torch.empty_like(by).scatter_(1, by, torch.arange(score_ER.shape[1]).expand_as(by).contiguous())
 
 
 def _pinned(share_ER: torch.Tensor, used_ER: torch.Tensor) -> torch.Tensor:

@@ -266,7 +266,7 @@ class Router:
         layer = self.spec.moe_layers[0]
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(64, self.spec.hidden_size, generator=gen).to(self.compute_dtype)
-        batch, _, _, _ = self._plan(layer, [self._assign(layer, x, None)], x)
+        batch, _, _, _ = self._plan(layer, [self.planner.assign(layer, x, None)], x)
         timings = {}
         for tname in self._chain_for("auto"):
             t = self.transports[tname]
@@ -381,7 +381,7 @@ class Router:
         try:
             t_start = time.perf_counter()
             try:
-                assignments = [self._assign(layer, r.x_TD, r.token_ids) if r.assignments is None else r.assignments for r in reqs]
+                assignments = [self.planner.assign(layer, r.x_TD, r.token_ids) if r.assignments is None else r.assignments for r in reqs]
             except (Exception, asyncio.CancelledError) as e:
                 _settle(reqs, e)
                 if isinstance(e, asyncio.CancelledError):
@@ -552,9 +552,6 @@ class Router:
         usage = {str(l): v for l, v in self.usage.counts().items()}
         return {"replicas": replicas, "groups": len(table.groups), "groups_alive": len(table.groups) - len(dead),
                 "version": table.version, "usage": usage, "degraded": {str(l): n for l, n in self.degraded_tokens.items()}}
-
-    def _assign(self, layer: int, x_TD: torch.Tensor, ids: torch.Tensor | None) -> Assignments:
-        return self.planner.assign(layer, x_TD, ids)
 
     def _plan(self, layer: int, assignments: list[Assignments], x_all: torch.Tensor, request_ids: Sequence[str] = ()) -> Planned:
         """Plan on the current table, around the groups known dead (see Planner.plan)."""
