@@ -42,6 +42,10 @@ PEER_GPUS = 0.01
 PLACE_S = 30.0
 # the wait before trying again when the peer could not be placed or the groups' GPUs admit no RDT route
 UNROUTED_RETRY_S = 60.0
+# how long the refs of a failed or abandoned dispatch are waited for in the background (see `_settle`):
+# past Ray's wait for an RDT tensor that never arrives (a group's forward then fails) and one collective wait
+SETTLE_S = getattr(ray._private.ray_constants, "RDT_FETCH_FAIL_TIMEOUT_SECONDS", 60.0) + collective.COLLECTIVE_TIMEOUT_S
+SETTLE_POLL_S = 0.2
 # the transfers whose failure kills no actor: gloo (CPU) and CUDA IPC (one-sided: the receiver maps the
 # sender's memory or fails; a group whose device then stalls reads as hung through compute_timeout_s and
 # is replaced alone). NOTE: NCCL keeps Ray's kill: a communicator with a failed peer can leave kernels
@@ -161,6 +165,8 @@ class RdtTransport(Transport):
         self._tearing: asyncio.Task | None = None
         self.rebuilds = 0
         self._attempts = 0
+        # background waits on the refs of failed dispatches (see `_settle`)
+        self._settling: set[asyncio.Task] = set()
         if not spare_actors_of_failed_transfers():
             log.warning("this Ray has no RDTManager._abort_transport: a failed transfer kills both its ends")
 
@@ -301,24 +307,50 @@ class RdtTransport(Transport):
             raise TransportError(transport=self.name, reason="the batch was planned with a replaced routing table's groups")
         x_np, dtype = wire.to_numpy(batch.x_ND)
         x_ref = ray.put(x_np)
+        refs = []
         y_refs = []
         for p in batch.parts:
             route = routes[p.group]
             rows = getattr(worker, f"take_{route}").remote(x_ref, dtype, p.start, p.end)
             fwd = getattr(self.groups[p.group], f"forward_{route}")
             y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows, batch.trace))
+            refs += [rows, y_refs[-1]]
+        gathered = worker.gather.remote(*y_refs)
         try:
-            y_np, y_dtype = await worker.gather.remote(*y_refs)
+            y_np, y_dtype = await gathered
         except ray.exceptions.RayTaskError as e:
+            self._settle(refs)
             cause = e.as_instanceof_cause()
             if isinstance(cause, ValueError):
                 raise cause from None
             await self._break(str(e))
             raise TransportError(transport=self.name, reason=str(e)) from e
-        except Exception as e:
+        except BaseException as e:  # a dead peer, or the router's watch cancelling a dispatch to a silent group
+            self._settle(refs + [gathered])
+            if not isinstance(e, Exception):
+                raise
             await self._break(str(e))
             raise TransportError(transport=self.name, reason=str(e)) from e
         return wire.from_numpy(y_np, y_dtype)
+
+    def _settle(self, refs: Sequence[Any]) -> None:
+        """Wait in the background (SETTLE_S at most) for what a failed or abandoned dispatch left behind.
+
+        NOTE: Ray logs an "Unhandled error" for each ref that ends in an error and is dropped unread:
+        after a dead peer, each group's forward (its input never computed) and each take; the
+        dispatch read only the gather's. A `ray.wait` on a ref that has ended counts as reading it
+        (`fetch_local=False`: an RDT tensor that did arrive stays where it is; awaiting one here would
+        fetch it into the router, which is in no collective group, and time out)."""
+        async def read() -> None:
+            pending, until = list(refs), time.monotonic() + SETTLE_S
+            while pending and time.monotonic() < until:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
+                if pending:
+                    await asyncio.sleep(SETTLE_POLL_S)
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def close(self) -> None:
         """Tear down what was built; the next use builds again after the short delay (a new table may

@@ -220,8 +220,19 @@ def test_rdt_falls_back_then_rebuilds_its_collective_group(ray_local, random_spe
         c = status["counters"]
         assert c["fallbacks"] == c["batches"] - c["by_transport"].get("rdt", 0) > 0, c
         assert c["fallbacks_by_from"] == {"rdt": c["fallbacks"]}, c
+        # the dead peer failed each group's forward and take of the batches it met; the router read them all
+        pid = ray.get(dep.routers[0].__ray_call__.remote(lambda self: os.getpid()))
+        assert _unhandled_errors(pid) == 0
     finally:
         dep.shutdown()
+
+
+def _unhandled_errors(pid: int) -> int:
+    """How often Ray logged an "Unhandled error" (a ref that ended in an error and was dropped unread) in
+    the log files of the worker process `pid`."""
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    return sum(open(os.path.join(logs, f), errors="replace").read().count("Unhandled error")
+               for f in os.listdir(logs) if f.startswith("worker-") and f.endswith(f"-{pid}.err"))
 
 
 def _listening(port: int) -> list[str]:
