@@ -243,12 +243,38 @@ def _remove_supervisor(supervisor: Any, name: str) -> None:
 
 def _kill_named(name: str) -> None:
     """Kill every actor of deployment `name` by its name (those the supervisor made included)."""
+    for actor in _named(name):
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
+
+
+def _named(name: str) -> list[Any]:
+    """Handles of deployment `name`'s live named actors (its supervisor's included)."""
+    out = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == NAMESPACE and names.owned_by(name, entry["name"]):
-            try:
-                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
-            except Exception:
-                pass
+            with contextlib.suppress(ValueError):  # gone since it was listed
+                out.append(ray.get_actor(entry["name"], namespace=NAMESPACE))
+    return out
+
+
+def end_actors(actors: list[Any], timeout_s: float = 15.0) -> None:
+    """Shut the actors down together (routers close their gateways; each process exports its last spans
+    and metrics), then kill them. One that does not answer within `timeout_s` is killed all the same;
+    actors without a `shutdown` method (a router's RDT peer) are killed at once."""
+    actors = list(dict.fromkeys(actors))  # each once (handles compare by actor id)
+    refs = []
+    for actor in actors:
+        with contextlib.suppress(Exception):  # no such method, or the actor is gone
+            refs.append(actor.shutdown.remote())
+    if refs:
+        # NOTE: ray.wait, not ray.get: a dead actor's error is read here and ends no other actor's wait.
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
+    for actor in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
 
 def _gateway_config(cfg: ServiceConfig, index: int) -> GatewayConfig | None:
@@ -432,22 +458,9 @@ class Deployment:
         self._closed = True
         if self.supervisor is not None:
             _remove_supervisor(self.supervisor, self.name)
-        for r in self.routers:
-            try:
-                ray.get(r.shutdown.remote(), timeout=10)
-            except Exception as e:
-                log.info("router shutdown: %s", e)
-        for g in self.groups:
-            try:
-                ray.get(g.shutdown.remote(), timeout=10)
-            except Exception as e:
-                log.info("group shutdown: %s", e)
-        for actor in self.routers + self.groups:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-        _kill_named(self.name)  # replacements the supervisor made
+        # routers first: they stop sending to the groups; then every group, replacements the supervisor made included
+        end_actors(self.routers)
+        end_actors(self.groups + [a for a in _named(self.name) if a not in self.routers])
         if self.started_ray:
             ray.shutdown()
 

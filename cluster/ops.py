@@ -9,7 +9,7 @@ import ray
 
 from cluster import registry
 from cluster.config import load_config
-from cluster.deploy import NAMESPACE, deploy
+from cluster.deploy import NAMESPACE, deploy, end_actors
 from router_svc import names
 from router_svc.client import MoEClient
 
@@ -100,19 +100,12 @@ def down(address: str, name: str | None = None) -> list[str]:
                 pass
             ray.kill(supervisor, no_restart=True)
             removed.append(names.supervisor(dname))
-        for rname in entry["routers"]:
-            actor = _actor(rname)
-            if actor is not None:
-                try:
-                    ray.get(actor.shutdown.remote(), timeout=15)
-                except Exception:
-                    pass
-        leftovers = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["namespace"] == NAMESPACE and names.owned_by(dname, a["name"])]
-        for aname in leftovers:
-            actor = _actor(aname)
-            if actor is not None:
-                ray.kill(actor)
-                removed.append(aname)
+        found = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == NAMESPACE and names.owned_by(dname, a["name"]) and a["name"] != names.supervisor(dname)]
+        actors = {aname: actor for aname in found if (actor := _actor(aname)) is not None}
+        routers = set(entry["routers"])
+        end_actors([a for n, a in actors.items() if n in routers])  # first: they stop sending to the groups
+        end_actors([a for n, a in actors.items() if n not in routers])
+        removed += list(actors)
         registry.forget(dname)
     return removed

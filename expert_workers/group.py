@@ -262,7 +262,7 @@ class ExpertGroup:
         self.core.compute_timeout_s = compute_timeout_s
         from expert_workers.telemetry import make_tracer
 
-        self.tracer = make_tracer(telemetry, name)
+        self.tracer, self._tracing = make_tracer(telemetry, name)
         self._server, port = data_grpc.serve(self._grpc_forward, host=grpc_host)
         self.grpc_address = f"{grpc_host}:{port}"
         tie.tie_to(tied_to)
@@ -382,4 +382,8 @@ class ExpertGroup:
         return collective.reset()
 
     def shutdown(self) -> None:
+        """Stop the data-plane server and export the spans still buffered (see `close_tracing`)."""
+        from expert_workers.telemetry import close_tracing
+
         self._server.stop(grace=0)
+        close_tracing(self._tracing)

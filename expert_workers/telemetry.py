@@ -1,7 +1,7 @@
 """Telemetry settings and tracing, shared by routers and expert groups (metrics: router_svc.telemetry).
 
 Spans: a compute span in each expert group, parented on the router's dispatch span through a W3C
-traceparent carried in the call; exported as JSON lines to `trace_dir` and/or OTLP.
+traceparent carried in the call; exported as JSON lines to `trace_dir` and/or OTLP (flushed when the actor shuts down).
 """
 
 from __future__ import annotations
@@ -79,13 +79,14 @@ class _JsonLinesExporter:
 def otlp_missing(cfg: TelemetryConfig) -> ConfigError:
     """The error for an `otlp_endpoint` without the OTLP exporter package."""
     return ConfigError(field="telemetry.otlp_endpoint", value=cfg.otlp_endpoint,
-                       expected="the OTLP exporter installed (pip install opentelemetry-exporter-otlp)")
+                       expected="the OTLP exporter installed (pip install -e '.[otlp]', or opentelemetry-exporter-otlp-proto-grpc)")
 
 
-def make_tracer(cfg: TelemetryConfig | None, service: str) -> Any:
-    """A tracer for this process, or None when tracing is off."""
+def make_tracer(cfg: TelemetryConfig | None, service: str) -> tuple[Any, Any]:
+    """This process's tracer and the provider behind it ((None, None) when tracing is off). End the
+    provider with `close_tracing` when the process's actor shuts down."""
     if cfg is None or not cfg.tracing:
-        return None
+        return None, None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -101,7 +102,16 @@ def make_tracer(cfg: TelemetryConfig | None, service: str) -> Any:
         except ImportError as e:
             raise otlp_missing(cfg) from e
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=cfg.otlp_endpoint, insecure=True)))
-    return provider.get_tracer("moe_serve")
+    return provider.get_tracer("moe_serve"), provider
+
+
+def close_tracing(provider: Any) -> None:
+    """Export the spans still buffered and end the provider (a no-op for None).
+
+    NOTE: OTLP spans leave in batches (every few seconds, or 512 at a time); the ones of the last
+    batch would end with the process unless the actor's shutdown comes here first."""
+    if provider is not None:
+        provider.shutdown()
 
 
 def inject(span: Any) -> str:

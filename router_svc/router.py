@@ -35,7 +35,7 @@ from router_svc.gate import Assignments, RoutingStats, routing_stats
 from router_svc.local import SharedExperts
 from router_svc.planner import NoLiveReplica, Planned, Planner
 from router_svc.table import RoutingTable
-from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, make_tracer
+from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, close_tracing, make_tracer
 from router_svc.usage import Usage
 from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, RdtTransport, Transport, TransportError, ping_answers
 
@@ -169,7 +169,7 @@ class Router:
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {}}
         self.usage = Usage(list(self.spec.moe_layers), self.spec.num_experts)
         self.degraded_tokens = {layer: 0 for layer in self.spec.moe_layers}  # answered without one of their experts
-        self.tracer = make_tracer(telemetry, name)
+        self.tracer, self._tracing = make_tracer(telemetry, name)
         self.metrics: RouterMetrics | None = None
         if telemetry is not None and (telemetry.prometheus_port is not None or telemetry.otlp_endpoint):
             self.metrics = RouterMetrics(telemetry, name, index, self._metric_state, layers=list(self.spec.moe_layers))
@@ -297,8 +297,10 @@ class Router:
             await self.gateway.stop()
         for t in self.transports.values():
             await t.close()
+        # NOTE: both export what they still hold (the final metric values, the last spans)
         if self.metrics is not None:
             self.metrics.shutdown()
+        await asyncio.to_thread(close_tracing, self._tracing)
 
     def gateway_address(self) -> str | None:
         return None if self.gateway is None else self.gateway.address

@@ -33,11 +33,11 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from expert_workers.telemetry import Span, TelemetryConfig, extract, inject, make_tracer, otlp_missing
+from expert_workers.telemetry import Span, TelemetryConfig, close_tracing, extract, inject, make_tracer, otlp_missing
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RouterMetrics", "Span", "TelemetryConfig", "extract", "inject", "make_tracer"]
+__all__ = ["RouterMetrics", "Span", "TelemetryConfig", "close_tracing", "extract", "inject", "make_tracer"]
 
 STAGES = ("queue", "gate", "dispatch", "expert", "combine", "total")
 SUPERVISOR_EVENTS = ("failover", "router_restart", "supervisor_restart", "replica_added", "replica_removed",
