@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -77,6 +78,13 @@ class GroupCore:
         self.compute_timeout_s: float | None = None
         # monotonic time the batch computing now began (None: idle); read by the health check
         self._computing_since: float | None = None
+        # NOTE: with more than one torch thread on CPU, batches run on one thread of their own: each
+        # thread that enters a parallel region keeps an OpenMP team of its own, and batches arriving on
+        # several (gRPC server threads, the actor's thread) left idle teams spinning beside the working one
+        # (8 rows, 2 threads: 5-15% slower per batch than from one thread). With one thread there is no
+        # team, and no hand-off to pay.
+        self._runner = (ThreadPoolExecutor(1, thread_name_prefix="moe-compute")
+                        if self.device.type == "cpu" and torch.get_num_threads() > 1 else None)
         self.set_slots(slots)
 
     def _layer(self, layer: int, experts: Sequence[int]) -> _LayerSlots:
@@ -137,7 +145,7 @@ class GroupCore:
             raise InvalidRequestError(field="counts", problem=f"negative count in {list(counts)}")
         if len(experts) != len(counts) or sum(counts) != x_ND.shape[0]:
             raise InvalidRequestError(field="counts", problem=f"{len(experts)} experts, counts {list(counts)} for {x_ND.shape[0]} rows")
-        with self._compute, torch.no_grad():
+        with self._compute:
             # NOTE: the layer is read under the compute lock: a batch naming slots `set_slots` has just
             # removed is refused, never computed after it returned.
             ls = self.layers.get(layer)
@@ -154,20 +162,13 @@ class GroupCore:
             full = [0] * len(ls.experts)
             for i, c in zip(idx, counts):
                 full[i] = c
-            split = sum(full[:n_routed])
             t0 = time.perf_counter()
             self._computing_since = time.monotonic()
             try:
-                x = x_ND.to(device=self.device, dtype=self.dtype)
-                out = torch.empty_like(x)
-                if split:
-                    out[:split] = ls.grouped.forward(x[:split], full[:n_routed])  # type: ignore[union-attr]
-                if split < x.shape[0]:
-                    out[split:] = ls.shared.forward(x[split:], [x.shape[0] - split])  # type: ignore[union-attr]
-                if self.device.type == "cuda":
-                    # NOTE: CUDA kernels run after their launch returns; without this a hung kernel would
-                    # block later (the copy out, the NCCL send), outside the timed window, and go unseen.
-                    torch.cuda.current_stream(self.device).synchronize()
+                if self._runner is None:
+                    out = self._run(ls, x_ND, full[:n_routed])
+                else:
+                    out = self._runner.submit(self._run, ls, x_ND, full[:n_routed]).result()
             finally:
                 self._computing_since = None
             dt = time.perf_counter() - t0
@@ -180,6 +181,22 @@ class GroupCore:
             if dt <= self.limit_s():  # one that ran past it was taken for hung: not an honest length
                 self.longest_s = max(self.longest_s, dt)
         return out.to(x_ND.dtype) if out.dtype != x_ND.dtype else out
+
+    def _run(self, ls: _LayerSlots, x_ND: torch.Tensor, routed_counts: list[int]) -> torch.Tensor:
+        """The grouped compute over rows in slot order: the routed experts' rows, then the shared slot's."""
+        with torch.no_grad():
+            x = x_ND.to(device=self.device, dtype=self.dtype)
+            out = torch.empty_like(x)
+            split = sum(routed_counts)
+            if split:
+                out[:split] = ls.grouped.forward(x[:split], routed_counts)  # type: ignore[union-attr]
+            if split < x.shape[0]:
+                out[split:] = ls.shared.forward(x[split:], [x.shape[0] - split])  # type: ignore[union-attr]
+            if self.device.type == "cuda":
+                # NOTE: CUDA kernels run after their launch returns; without this a hung kernel would
+                # block later (the copy out, the NCCL send), outside the timed window, and go unseen.
+                torch.cuda.current_stream(self.device).synchronize()
+        return out
 
     def computing_for(self) -> float:
         """Seconds the batch computing now has been at it (0.0 when none is)."""

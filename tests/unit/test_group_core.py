@@ -7,6 +7,7 @@ The shared slot is the shared FFN with no gate applied (the router weighs it).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import re
 import threading
@@ -146,6 +147,47 @@ def test_routed_rows_are_not_confused_between_experts(core: GroupCore) -> None:
     for i, e in enumerate([1, 3, 5]):
         check(out[i : i + 1], ffn_row(x[i], src.expert(0, e))[None])
     assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batches_from_many_threads_compute_on_one_when_torch_has_several(threads: int) -> None:
+    """With several torch threads every batch runs on the group's own compute thread (one OpenMP team,
+    whichever transport's thread brought it); with one, on the caller's (no hand-off). Answers exact."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        core = make_core()
+    finally:
+        torch.set_num_threads(before)
+    ran_on: set[int] = set()
+    grouped = core.layers[0].grouped
+    forward = grouped.forward
+
+    def spy(*args, **kwargs):
+        ran_on.add(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    grouped.forward = spy  # type: ignore[method-assign]
+    callers: set[int] = set()
+    x = inputs(7, seed=21)
+    expected = reference(0, ORDER0, [2, 1, 3, 1], x)
+    together = threading.Barrier(4)  # all four alive at once: no thread id is reused
+
+    def call() -> torch.Tensor:
+        callers.add(threading.get_ident())
+        out = core.compute(0, ORDER0, [2, 1, 3, 1], x)
+        together.wait(timeout=30)
+        return out
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        outs = [f.result() for f in [pool.submit(call) for _ in range(4)]]
+    for out in outs:
+        check(out, expected)
+    assert len(callers) == 4
+    if threads == 1:
+        assert ran_on == callers
+    else:
+        assert len(ran_on) == 1 and not ran_on & callers
 
 
 def test_empty_batch(core: GroupCore) -> None:
