@@ -233,37 +233,47 @@ def _create(cfg: ServiceConfig, *, detached: bool = False, progress: Callable[[s
 def _remove_supervisor(supervisor: Any, name: str) -> None:
     """Stop deployment `name`'s supervisor (it deletes its saved state), end it for good and delete
     the state should it not have answered."""
+    _stop_supervisor(supervisor)
+    _end_supervisor(supervisor, name)
+
+
+def _stop_supervisor(supervisor: Any) -> None:
+    """Its reconcile loop stops (no replacement made from here on) and it deletes its saved state."""
     try:
         ray.get(supervisor.stop.remote(), timeout=60)
     except Exception as e:
         log.info("supervisor stop: %s", e)
+
+
+def _end_supervisor(supervisor: Any, name: str) -> None:
+    """Kill it for good (no restart) and delete its saved state should `stop` not have answered."""
     ray.kill(supervisor, no_restart=True)
     internal_kv._internal_kv_del(state_key(name), namespace=KV_NAMESPACE)
 
 
 def _kill_named(name: str) -> None:
     """Kill every actor of deployment `name` by its name (those the supervisor made included)."""
-    for actor in _named(name):
+    for _, actor in _named(name):
         try:
             ray.kill(actor)
         except Exception:
             pass
 
 
-def _named(name: str) -> list[Any]:
-    """Handles of deployment `name`'s live named actors (its supervisor's included)."""
+def _named(name: str) -> list[tuple[str, Any]]:
+    """(name, handle) of deployment `name`'s live named actors (its supervisor included)."""
     out = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == NAMESPACE and names.owned_by(name, entry["name"]):
             with contextlib.suppress(ValueError):  # gone since it was listed
-                out.append(ray.get_actor(entry["name"], namespace=NAMESPACE))
+                out.append((entry["name"], ray.get_actor(entry["name"], namespace=NAMESPACE)))
     return out
 
 
 def end_actors(actors: list[Any], timeout_s: float = 15.0) -> None:
     """Shut the actors down together (routers close their gateways; each process exports its last spans
     and metrics), then kill them. One that does not answer within `timeout_s` is killed all the same;
-    actors without a `shutdown` method (a router's RDT peer) are killed at once."""
+    actors without a `shutdown` method (a router's RDT peer) are only killed."""
     actors = list(dict.fromkeys(actors))  # each once (handles compare by actor id)
     refs = []
     for actor in actors:
@@ -456,11 +466,18 @@ class Deployment:
         if self._closed:
             return
         self._closed = True
+        # NOTE: the supervisor stops first (it would replace what is ended here) and is killed last: the actors
+        # it made for a driver's deployment are tied to it and would end on their own, unflushed, without it.
         if self.supervisor is not None:
-            _remove_supervisor(self.supervisor, self.name)
-        # routers first: they stop sending to the groups; then every group, replacements the supervisor made included
-        end_actors(self.routers)
-        end_actors(self.groups + [a for a in _named(self.name) if a not in self.routers])
+            _stop_supervisor(self.supervisor)
+        named = [(n, a) for n, a in _named(self.name) if n != names.supervisor(self.name)]
+        # routers first, by name (one the supervisor re-made is not in self.routers): they stop sending to the
+        # groups; then every group, replacements the supervisor made included, and the routers' RDT peers
+        routers = self.routers + [a for n, a in named if names.deployment_of_router(n) == self.name]
+        end_actors(routers)
+        end_actors(self.groups + [a for _, a in named if a not in routers])
+        if self.supervisor is not None:
+            _end_supervisor(self.supervisor, self.name)
         if self.started_ray:
             ray.shutdown()
 

@@ -315,9 +315,8 @@ class RdtTransport(Transport):
             fwd = getattr(self.groups[p.group], f"forward_{route}")
             y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows, batch.trace))
             refs += [rows, y_refs[-1]]
-        gathered = worker.gather.remote(*y_refs)
         try:
-            y_np, y_dtype = await gathered
+            y_np, y_dtype = await worker.gather.remote(*y_refs)
         except ray.exceptions.RayTaskError as e:
             self._settle(refs)
             cause = e.as_instanceof_cause()
@@ -325,10 +324,11 @@ class RdtTransport(Transport):
                 raise cause from None
             await self._break(str(e))
             raise TransportError(transport=self.name, reason=str(e)) from e
-        except BaseException as e:  # a dead peer, or the router's watch cancelling a dispatch to a silent group
-            self._settle(refs + [gathered])
-            if not isinstance(e, Exception):
-                raise
+        except asyncio.CancelledError:  # the router's watch giving up a dispatch to a silent group
+            self._settle(refs)
+            raise
+        except Exception as e:  # a dead peer
+            self._settle(refs)
             await self._break(str(e))
             raise TransportError(transport=self.name, reason=str(e)) from e
         return wire.from_numpy(y_np, y_dtype)
@@ -340,7 +340,13 @@ class RdtTransport(Transport):
         after a dead peer, each group's forward (its input never computed) and each take; the
         dispatch read only the gather's. A `ray.wait` on a ref that has ended counts as reading it
         (`fetch_local=False`: an RDT tensor that did arrive stays where it is; awaiting one here would
-        fetch it into the router, which is in no collective group, and time out)."""
+        fetch it into the router, which is in no collective group, and time out). The gather's ref
+        needs none of this: awaiting it read it, even when the await was cancelled."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the dispatch closed outside a running loop (the process exiting): nothing to wait on
+            return
+
         async def read() -> None:
             pending, until = list(refs), time.monotonic() + SETTLE_S
             while pending and time.monotonic() < until:
@@ -348,7 +354,7 @@ class RdtTransport(Transport):
                 if pending:
                     await asyncio.sleep(SETTLE_POLL_S)
 
-        task = asyncio.get_running_loop().create_task(read())
+        task = loop.create_task(read())
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
