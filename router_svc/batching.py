@@ -39,6 +39,16 @@ class Pending:
     hold_until: float | None = None
 
 
+def settle(reqs: list[Pending] | tuple[Pending, ...], e: BaseException) -> None:
+    """Requests not answered yet end with `e` (cancelled, for a cancellation)."""
+    for r in reqs:
+        if not r.future.done():
+            if isinstance(e, asyncio.CancelledError):
+                r.future.cancel()
+            else:
+                r.future.set_exception(e)
+
+
 class Batcher:
     """The per-layer queues, wait timers and in-flight counts; `run(layer, requests)` runs a batch
     and must call `done(layer)` when it ends, however it ends."""
@@ -96,9 +106,7 @@ class Batcher:
             timer.cancel()
         self._timers.clear()
         for reqs in self._queues.values():
-            for p in reqs:
-                if not p.future.done():
-                    p.future.cancel()
+            settle(reqs, asyncio.CancelledError())
         self._queues.clear()
         self._queued_tokens.clear()
         for task in list(self._running):

@@ -28,16 +28,17 @@ from expert_workers.source import SourceSpec, open_source
 from expert_workers.spec import MoESpec, RoutingSpec
 from expert_workers.weights import RouterWeights
 from router_svc import admission
-from router_svc.batching import Batcher, Pending
+from router_svc.batching import Batcher, Pending, settle
 from router_svc.config import DataPlaneConfig
 from router_svc.dispatch import combine
+from router_svc.failover import HUNG_GIVE_UPS, Failover, _Watch
 from router_svc.gate import Assignments, RoutingStats, routing_stats
 from router_svc.local import SharedExperts
 from router_svc.planner import NoLiveReplica, Planned, Planner
 from router_svc.table import RoutingTable
 from router_svc.telemetry import RouterMetrics, Span, TelemetryConfig, close_tracing, make_tracer
 from router_svc.usage import Usage
-from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, RdtTransport, Transport, TransportError, ping_answers
+from router_svc.transports import FALLBACKS, TRANSPORTS, Batch, GroupsDown, RdtTransport, Transport, TransportError
 
 if TYPE_CHECKING:
     from router_svc.gateway import GatewayConfig
@@ -69,38 +70,11 @@ def _rows(reqs: Sequence[Pending]) -> torch.Tensor:
     return torch.cat([r.x_TD for r in reqs]) if len(reqs) > 1 else reqs[0].x_TD
 
 
-def _settle(reqs: Sequence[Pending], e: BaseException) -> None:
-    """Requests not answered yet end with `e` (cancelled, for a cancellation)."""
-    for r in reqs:
-        if not r.future.done():
-            if isinstance(e, asyncio.CancelledError):
-                r.future.cancel()
-            else:
-                r.future.set_exception(e)
-
-
-@dataclass(eq=False)
-class _Watch:
-    """A dispatch in flight: the task awaiting it, the groups it waits on (indices into `handles`, the
-    router's group list it was planned with), the task's cancel count on entry, and those found silent."""
-
-    task: asyncio.Task
-    groups: frozenset[int]
-    handles: list
-    cancels: int = 0
-    lost: frozenset[int] = frozenset()
-    hung: bool = False  # some of `lost` answered their ping unhealthy (a batch past compute_timeout_s)
-
-
-# a batch given up this many times on groups whose compute ran past compute_timeout_s fails instead of
-# going on: a batch that hangs every group it reaches would otherwise take down copy after copy.
-HUNG_GIVE_UPS = 2
-
 # the request span's traceparent, set by forward_tensor for the Pending it queues
 _REQUEST_TRACE: contextvars.ContextVar[str] = contextvars.ContextVar("moe_request_trace", default="")
 
 
-class Router:
+class Router(Failover):
     """Created by `cluster.deploy` with `ray.remote(Router)`; all methods run on one event loop."""
 
     def __init__(
@@ -155,15 +129,12 @@ class Router:
         self.chain: tuple[str, ...] = self._chain_for(config.transport)
         self.measured_ms: dict[str, float] = {}
         self.batcher = Batcher(config, self._run_batch)
-        # groups known dead (failed dispatch or ping); their replicas are skipped until they answer again.
+        # the failover's state (router_svc.failover.Failover says what each holds)
         self.dead: set[int] = set()
-        # set (and replaced) when the table or the dead set changes: batches waiting for a live replica plan again
         self._table_changed = asyncio.Event()
-        # dispatches in flight, given up on when one of their groups stops answering pings (see _dispatch_watched)
         self._watching: set[_Watch] = set()
-        # requests waiting apart for a live replica (failover 'wait'), see _hold
         self._holding: set[asyncio.Task] = set()
-        self._closing = False  # shutdown began
+        self._closing = False
         # batches in flight per routing-table version they were planned with (the supervisor drains by it)
         self._planned: dict[int, int] = {}
         self.counters: dict[str, Any] = {"requests": 0, "batches": 0, "by_transport": {}, "fallbacks": 0, "fallbacks_by_from": {}}
@@ -196,70 +167,6 @@ class Router:
         return {"chain": list(self.chain), "measured_ms": dict(self.measured_ms),
                 "gateway": None if self.gateway is None else self.gateway.address,
                 "metrics": None if self.metrics is None or not self.metrics.address else self.metrics.address}
-
-    def _all_slots_live(self) -> bool:
-        """Every slot of every MoE layer has at least one live replica."""
-        for layer in self.spec.moe_layers:
-            hosted = self.table.lookup_alive(layer)[2] > 0
-            live = self.table.lookup_alive(layer, frozenset(self.dead))[2] > 0
-            if bool((hosted & ~live).any()):
-                return False
-        return True
-
-    async def _watch_health(self, period_s: float = 1.0) -> None:
-        """SERVING while every expert group answers a ping within the period. With metrics on, the
-        supervisor's events are counted every few periods."""
-        tick = 0
-        while True:
-            tick += 1
-            if self.metrics is not None and tick % 5 == 0:
-                from router_svc.status_view import ask_supervisor
-
-                st = await ask_supervisor(self.name)
-                if st is not None:
-                    self.metrics.note_events(list(st.get("events", [])))
-            try:
-                handles = self.groups
-                results = await ping_answers(handles, max(period_s, 2.0))
-                # NOTE: a table adopted meanwhile renumbers the groups; these answers are of the old list.
-                if handles is self.groups:
-                    self._set_dead({g for g, r in enumerate(results) if r is not True}, {g for g, r in enumerate(results) if r is False})
-                if self.gateway is not None:
-                    await self.gateway.set_serving(self._all_slots_live())
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # never let one bad observation stop the watch
-                log.warning("health watch: %s", e)
-            await asyncio.sleep(period_s)
-
-    def _set_dead(self, dead: set[int], unhealthy: frozenset[int] | set[int] = frozenset()) -> None:
-        """What the health watch found (indices into the current `self.groups`). Dispatches waiting on a
-        group that no longer answers are given up (planned again around it); every transport is told
-        (`abandon`), so a collective group with a silent member tears itself down (it wedges every
-        member's transfers, not only the batches sent to that one); batches waiting for a live replica
-        look again when a group answers again.
-
-        NOTE: `dead` holds the groups that did not answer (a stopped process, a cut-off host) and those
-        that answered False (`unhealthy`: one of their batches computed past its compute_timeout_s, as
-        on a hung kernel or device); dispatches given up on the latter count towards HUNG_GIVE_UPS."""
-        revived, silent = self.dead - dead, dead - self.dead
-        self.dead = dead
-        for w in list(self._watching):
-            lost = w.groups & dead
-            if lost and not w.lost and w.handles is self.groups:
-                w.lost = frozenset(lost)
-                w.hung = bool(lost & unhealthy)
-                w.task.cancel()
-                silent |= lost
-        if silent:
-            for t in self.transports.values():
-                t.abandon(f"expert groups {sorted(silent)} stopped answering pings")
-        if revived:
-            self._placement_changed()
-
-    def _placement_changed(self) -> None:
-        self._table_changed.set()
-        self._table_changed = asyncio.Event()
 
     async def _measure(self, repeats: int = 3) -> None:
         """Time one probe batch per transport on real groups; fastest first. Broken ones go last."""
@@ -385,7 +292,7 @@ class Router:
             try:
                 assignments = [self.planner.assign(layer, r.x_TD, r.token_ids) if r.assignments is None else r.assignments for r in reqs]
             except (Exception, asyncio.CancelledError) as e:
-                _settle(reqs, e)
+                settle(reqs, e)
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 return
@@ -406,7 +313,7 @@ class Router:
         try:
             await self._serve_owned(layer, reqs, assignments, trace, started)
         except (Exception, asyncio.CancelledError) as e:
-            _settle(reqs, e)
+            settle(reqs, e)
             if isinstance(e, asyncio.CancelledError):
                 raise
 
@@ -481,59 +388,6 @@ class Router:
         asyncio.get_running_loop().call_soon(self._keep_books, layer, reqs, assignments, degraded, used,
                                              (t_start, t_gate, t_dispatched, time.perf_counter(), expert_s))
 
-    def _set_aside(self, layer: int, reqs: list[Pending], assignments: list[Assignments], lacking: dict[int, int]) -> None:
-        """Requests `lacking` an expert with no live replica (request index -> that expert): failed under
-        failover 'fail' (or cancelled once the router is going); under 'wait' held apart (`_hold`) until
-        a table or a revived group may give one, each until its own deadline."""
-        stuck = sorted(lacking)
-        if self.config.failover == "fail":
-            for i in stuck:
-                _settle([reqs[i]], ExpertUnavailableError(layer=layer, expert=lacking[i], reason="no live replica (failover policy 'fail')"))
-            return
-        if self._closing:  # the router is going: nothing waits past it (a request released as it went)
-            _settle([reqs[i] for i in stuck], asyncio.CancelledError())
-            return
-        now = time.monotonic()
-        for i in stuck:
-            reqs[i].assignments = assignments[i]
-            if reqs[i].hold_until is None:  # held again after a release: its first deadline stands
-                reqs[i].hold_until = now + self.config.failover_wait_s
-        # NOTE: the event is taken now, with the plan that found no host: a change in the meantime wakes it.
-        held = asyncio.get_running_loop().create_task(self._hold(layer, [reqs[i] for i in stuck], [lacking[i] for i in stuck], self._table_changed))
-        self._holding.add(held)
-        held.add_done_callback(self._holding.discard)
-
-    async def _hold(self, layer: int, reqs: list[Pending], experts: list[int], changed: asyncio.Event) -> None:
-        """Requests that need an expert with no live replica (failover 'wait', `experts[i]` the one
-        request i lacks), each until its own `hold_until`. When a table or a revived group may give one,
-        those still waiting go back to the batcher with their assignments: released together, every
-        request held meanwhile leaves in as few batches as `batch_max_tokens` allows, behind the
-        batches in flight (not one batch per batch that was held, each reading its experts' weights
-        again). Those past their time fail; those whose callers have gone are dropped. The wait counts
-        as the requests' queueing in the stage metrics."""
-        try:
-            remaining = min(r.hold_until or 0.0 for r in reqs) - time.monotonic()
-            if remaining > 0:
-                try:
-                    await asyncio.wait_for(changed.wait(), timeout=remaining)
-                except asyncio.TimeoutError:
-                    pass
-        except (Exception, asyncio.CancelledError) as e:  # the wait's own (cancelled with the router)
-            _settle(reqs, e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return
-        now = time.monotonic()
-        back = []
-        for r, expert in zip(reqs, experts):
-            if r.future.done():
-                continue
-            if now >= (r.hold_until or 0.0):
-                _settle([r], ExpertUnavailableError(layer=layer, expert=expert, reason="no live replica within failover_wait_s"))
-            else:
-                back.append(r)
-        self.batcher.requeue(layer, back)
-
     def _keep_books(self, layer: int, reqs: list[Pending], assignments: list[Assignments], degraded: list[int], used: str,
                     times: tuple[float, float, float, float, float | None]) -> None:
         """Usage counters and batch metrics of an answered batch."""
@@ -584,34 +438,6 @@ class Router:
                 log.warning("batch falls back from %s: %s", tname, e)
                 errors.append(str(e))
         raise ExpertUnavailableError(layer=batch.layer, expert=-1, reason="; ".join(errors) or "no transport available")
-
-    async def _dispatch_watched(self, t: Transport, batch: Batch) -> torch.Tensor:
-        """`t.dispatch(batch)`, given up on when the health watch finds one of the batch's groups not
-        answering pings: a process stopped or cut off neither answers nor fails its calls, so without
-        this the batch (and, one batch in flight per layer, its layer) would wait for it forever.
-        Raised as GroupsDown, so the batch is planned again around those groups like a death.
-
-        NOTE: the watch cancels the task awaiting this (no task of its own per dispatch: this is on
-        every request's path); the cancellation is taken back here, and one from anyone else still
-        propagates (Task.cancelling counts them, from Python 3.11; on 3.10 a cancel from elsewhere
-        arriving together with the watch's is taken for the watch's).
-        """
-        task = asyncio.current_task()
-        assert task is not None
-        counted = getattr(task, "cancelling", None)  # Python >= 3.11
-        w = _Watch(task, frozenset(p.group for p in batch.parts), batch.groups, counted() if counted else 0)
-        self._watching.add(w)
-        try:
-            return await t.dispatch(batch)
-        except asyncio.CancelledError:
-            if not w.lost:
-                raise
-            if counted is not None and task.uncancel() > w.cancels:
-                raise
-            reason = "answered health pings unhealthy (a batch computed past compute_timeout_s)" if w.hung else "stopped answering health pings"
-            raise GroupsDown(transport=t.name, groups=tuple(sorted(w.lost)), reason=reason, hung=w.hung) from None
-        finally:
-            self._watching.discard(w)
 
     def _answer(self, r: Pending, out_TD: torch.Tensor, a: Assignments, used: str, batched: int,
                 degraded: tuple[int, ...] = ()) -> ForwardOutput:
