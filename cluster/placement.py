@@ -7,6 +7,13 @@ from typing import Sequence
 from expert_workers.group import SHARED
 from expert_workers.spec import MoESpec
 
+Slot = tuple[int, int]  # (layer, expert); expert SHARED: the layer's shared experts
+
+
+def as_slots(raw: Sequence[Sequence[int]]) -> list[Slot]:
+    """Slots from their saved form (msgpack lists)."""
+    return [(int(l), int(e)) for l, e in raw]
+
 
 def all_slots(spec: MoESpec, *, shared_as_slot: bool) -> list[tuple[int, int]]:
     """Every slot of the model, layer-major; a layer's shared experts are one slot (expert -1) if hosted."""
