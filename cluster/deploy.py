@@ -253,14 +253,14 @@ def _end_supervisor(supervisor: Any, name: str) -> None:
 
 def _kill_named(name: str) -> None:
     """Kill every actor of deployment `name` by its name (those the supervisor made included)."""
-    for _, actor in _named(name):
+    for _, actor in named_actors(name):
         try:
             ray.kill(actor)
         except Exception:
             pass
 
 
-def _named(name: str) -> list[tuple[str, Any]]:
+def named_actors(name: str) -> list[tuple[str, Any]]:
     """(name, handle) of deployment `name`'s live named actors (its supervisor included)."""
     out = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -470,7 +470,7 @@ class Deployment:
         # it made for a driver's deployment are tied to it and would end on their own, unflushed, without it.
         if self.supervisor is not None:
             _stop_supervisor(self.supervisor)
-        named = [(n, a) for n, a in _named(self.name) if n != names.supervisor(self.name)]
+        named = [(n, a) for n, a in named_actors(self.name) if n != names.supervisor(self.name)]
         # routers first, by name (one the supervisor re-made is not in self.routers): they stop sending to the
         # groups; then every group, replacements the supervisor made included, and the routers' RDT peers
         routers = self.routers + [a for n, a in named if names.deployment_of_router(n) == self.name]

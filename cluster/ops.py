@@ -9,7 +9,7 @@ import ray
 
 from cluster import registry
 from cluster.config import load_config
-from cluster.deploy import NAMESPACE, deploy, end_actors
+from cluster.deploy import NAMESPACE, deploy, end_actors, named_actors
 from router_svc import names
 from router_svc.client import MoEClient
 
@@ -100,9 +100,7 @@ def down(address: str, name: str | None = None) -> list[str]:
                 pass
             ray.kill(supervisor, no_restart=True)
             removed.append(names.supervisor(dname))
-        found = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["namespace"] == NAMESPACE and names.owned_by(dname, a["name"]) and a["name"] != names.supervisor(dname)]
-        actors = {aname: actor for aname in found if (actor := _actor(aname)) is not None}
+        actors = {aname: actor for aname, actor in named_actors(dname) if aname != names.supervisor(dname)}
         routers = set(entry["routers"])
         end_actors([a for n, a in actors.items() if n in routers])  # first: they stop sending to the groups
         end_actors([a for n, a in actors.items() if n not in routers])
