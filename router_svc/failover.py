@@ -66,6 +66,7 @@ class Failover:
     table: RoutingTable
     groups: list  # the current table's group handles; `dead` and watches index this list
     transports: dict[str, Transport]
+    chain: tuple[str, ...]  # the transports in use, preferred first
     gateway: "Gateway | None"
     metrics: RouterMetrics | None
     batcher: Batcher
@@ -106,6 +107,9 @@ class Failover:
                 # NOTE: a table adopted meanwhile renumbers the groups; these answers are of the old list.
                 if handles is self.groups:
                     self._set_dead({g for g, r in enumerate(results) if r is not True}, {g for g, r in enumerate(results) if r is False})
+                    if not self.dead:  # a path broken while a group was silent builds again now, not at the next batch
+                        for tname in self.chain:
+                            self.transports[tname].available()
                 if self.gateway is not None:
                     await self.gateway.set_serving(self._all_slots_live())
             except asyncio.CancelledError:

@@ -8,6 +8,10 @@ group per backend. So the Router is the controller: it creates one group of a
 `DispatchWorker` (its data-holding peer) plus the expert groups, and drives
     worker.take(x) --RDT--> group.forward_<backend>(rows) --RDT--> worker.gather(ys)
 The batch reaches the worker and the result comes back through the object store.
+Each call is submitted only once its arguments are ready (`ready`): Ray sends an actor the calls
+of one caller in order, each once its arguments are, so a forward submitted with its rows still
+being taken would hold every later call from the router to that group, health pings included (the
+group would read as silent), and a gather waiting on its outputs would hold the next batch's rows.
 On CUDA the backend is chosen per expert group where Ray placed it (`rdt_routes`): CUDA IPC
 (one-sided, no collective group) with a group on the worker's own GPU, NCCL with a group on
 another GPU (one rank per GPU). The worker needs a share of a GPU (`PEER_GPUS`; deploy leaves it
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Sequence
 
@@ -46,6 +51,8 @@ UNROUTED_RETRY_S = 60.0
 # past Ray's wait for an RDT tensor that never arrives (a group's forward then fails) and one collective wait
 SETTLE_S = getattr(ray._private.ray_constants, "RDT_FETCH_FAIL_TIMEOUT_SECONDS", 60.0) + collective.COLLECTIVE_TIMEOUT_S
 SETTLE_POLL_S = 0.2
+# how often a thread waiting for refs to be ready (see `ready`) looks whether its wait was given up
+READY_SLICE_S = 1.0
 # the transfers whose failure kills no actor: gloo (CPU) and CUDA IPC (one-sided: the receiver maps the
 # sender's memory or fails; a group whose device then stalls reads as hung through compute_timeout_s and
 # is replaced alone). NOTE: NCCL keeps Ray's kill: a communicator with a failed peer can leave kernels
@@ -89,6 +96,44 @@ def spare_actors_of_failed_transfers() -> bool:
 
 class Unrouted(Exception):
     """RDT cannot reach the expert groups as Ray placed them (or the worker was not placed)."""
+
+
+async def ready(refs: Sequence[Any]) -> None:
+    """Until every ref in `refs` is ready (a value or an error), without fetching it: an RDT tensor
+    stays with the actor that holds it (awaiting one would fetch it into the router, which is in no
+    collective group). Ray's wait blocks, so it runs on a thread of its own, a daemon (a wait given up
+    by cancellation ends within READY_SLICE_S; one left at exit holds nothing up)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    gone = threading.Event()
+
+    def wait() -> None:
+        pending, error = list(refs), None
+        try:
+            while pending and not gone.is_set():
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=READY_SLICE_S, fetch_local=False)
+        except Exception as e:  # e.g. the worker shutting down
+            error = e
+        if not gone.is_set():
+            try:
+                loop.call_soon_threadsafe(_settle_future, done, error)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+                pass
+
+    threading.Thread(target=wait, name="rdt-ready", daemon=True).start()
+    try:
+        await done
+    finally:
+        gone.set()
+
+
+def _settle_future(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # cancelled meanwhile
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 def rdt_routes(worker_at: tuple[str, tuple[str, ...]], members_at: Sequence[tuple[str, tuple[str, ...]]]) -> list[str]:
@@ -307,15 +352,15 @@ class RdtTransport(Transport):
             raise TransportError(transport=self.name, reason="the batch was planned with a replaced routing table's groups")
         x_np, dtype = wire.to_numpy(batch.x_ND)
         x_ref = ray.put(x_np)
-        refs = []
-        y_refs = []
-        for p in batch.parts:
-            route = routes[p.group]
-            rows = getattr(worker, f"take_{route}").remote(x_ref, dtype, p.start, p.end)
-            fwd = getattr(self.groups[p.group], f"forward_{route}")
-            y_refs.append(fwd.remote(batch.layer, list(p.experts), list(p.counts), rows, batch.trace))
-            refs += [rows, y_refs[-1]]
+        # NOTE: each stage is submitted once the last one's refs are ready (see the module)
+        takes = [getattr(worker, f"take_{routes[p.group]}").remote(x_ref, dtype, p.start, p.end) for p in batch.parts]
+        refs = list(takes)
         try:
+            await ready(takes)
+            y_refs = [getattr(self.groups[p.group], f"forward_{routes[p.group]}").remote(
+                batch.layer, list(p.experts), list(p.counts), rows, batch.trace) for p, rows in zip(batch.parts, takes)]
+            refs += y_refs
+            await ready(y_refs)
             y_np, y_dtype = await worker.gather.remote(*y_refs)
         except ray.exceptions.RayTaskError as e:
             self._settle(refs)

@@ -227,6 +227,45 @@ def test_rdt_falls_back_then_rebuilds_its_collective_group(ray_local, random_spe
         dep.shutdown()
 
 
+@ray.remote(num_cpus=0)
+def _after(seconds: float, fail: bool = False) -> int:
+    time.sleep(seconds)
+    if fail:
+        raise RuntimeError("failed on purpose")
+    return 1
+
+
+def test_rdt_ready_waits_for_values_and_errors_and_its_thread_ends_when_given_up(ray_local) -> None:
+    """`ready` (the RDT dispatch's wait between stages) returns once every ref has a value or an error,
+    not before; given up (cancelled), its waiting thread ends within READY_SLICE_S."""
+    import asyncio
+    import threading
+
+    from router_svc.transports.rdt import READY_SLICE_S, ready
+
+    def waiting() -> int:
+        return sum(t.name == "rdt-ready" for t in threading.enumerate())
+
+    async def scenario() -> float:
+        t0 = time.monotonic()
+        await ready([_after.remote(0.5), _after.remote(0.2, fail=True)])
+        took = time.monotonic() - t0
+        waiter = asyncio.ensure_future(ready([_after.remote(30.0)]))
+        await asyncio.sleep(0.3)
+        assert not waiter.done() and waiting() == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return took
+
+    took = asyncio.run(scenario())
+    assert took >= 0.5
+    deadline = time.monotonic() + READY_SLICE_S + 5.0
+    while waiting() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting() == 0
+
+
 def _unhandled_errors(pid: int) -> int:
     """How often Ray logged an "Unhandled error" (a ref that ended in an error and was dropped unread) in
     the log files of the worker process `pid`."""

@@ -380,6 +380,45 @@ def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, trans
         dep.shutdown()
 
 
+def test_rdt_batch_computing_long_holds_no_health_ping(ray_local) -> None:
+    """RDT: while one group computes a batch for seconds (well inside compute_timeout_s), every group
+    still answers the router's pings and nothing is given up. Ray sends an actor one caller's calls in
+    order, each once its arguments are ready: a forward submitted before its rows were ready (or a
+    gather before its outputs were) would hold every later call from the router to that actor, pings
+    and the next batch's rows included, and the groups would read as silent. Both layers' batches
+    answer exactly over RDT."""
+    dep, ref = _deploy("fordtslow", replicas=1, transport="rdt", supervisor=False)
+    gen = torch.Generator().manual_seed(13)
+    xs = [torch.randn(64, 32, generator=gen) for _ in range(2)]
+    release = lambda: ray.get(dep.groups[0].__ray_call__.options(concurrency_group="control").remote(release_compute), timeout=30)  # noqa: E731
+    held = False
+    try:
+        for layer in (0, 1):
+            assert _rel(dep.forward(xs[layer], layer), ref.forward(xs[layer], layer)) < 1e-6
+        served = _status(dep)["counters"]["by_transport"].get("rdt", 0)
+        ray.get(dep.groups[0].__ray_call__.remote(hang_compute), timeout=30)
+        held = True
+        pending = [dep.submit(xs[layer], layer) for layer in (0, 1)]  # 64 tokens: every group has a share
+        seen = set()
+        deadline = time.monotonic() + 6.0  # past two rounds of the 2 s ping timeout
+        while time.monotonic() < deadline:
+            seen.add(tuple(_dead(dep)))
+            time.sleep(0.1)
+        assert ray.wait(pending, num_returns=2, timeout=0)[0] == [], "answered while group 0 was held"
+        assert seen == {()}, f"groups taken for silent while one computed: {sorted(seen)}"
+        release()
+        held = False
+        for layer, p in enumerate(pending):
+            assert _rel(dep.result(p, xs[layer], timeout=NOTICED_S), ref.forward(xs[layer], layer)) < 1e-6
+        status = _status(dep)
+        assert status["counters"].get("failovers", 0) == 0, status["counters"]
+        assert status["counters"]["by_transport"].get("rdt", 0) == served + 2, status["counters"]
+    finally:
+        if held:
+            release()
+        dep.shutdown()
+
+
 def test_collective_member_that_stops_answering_is_replaced_and_nothing_is_lost(ray_local) -> None:
     """RDT: a silent member wedges the collective group for every member (their transfers queue behind
     it). The router gives the batch and the group up when the member misses its pings and serves on
