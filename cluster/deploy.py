@@ -21,6 +21,7 @@ import ray
 import torch
 from ray.experimental import internal_kv
 
+from cluster.actors import end_actors
 from cluster.config import ServiceConfig, load_config
 from cluster.placement import all_slots, spread_replicated
 from expert_workers import wire
@@ -268,23 +269,6 @@ def named_actors(name: str) -> list[tuple[str, Any]]:
             with contextlib.suppress(ValueError):  # gone since it was listed
                 out.append((entry["name"], ray.get_actor(entry["name"], namespace=NAMESPACE)))
     return out
-
-
-def end_actors(actors: list[Any], timeout_s: float = 15.0) -> None:
-    """Shut the actors down together (routers close their gateways; each process exports its last spans
-    and metrics), then kill them. One that does not answer within `timeout_s` is killed all the same;
-    actors without a `shutdown` method (a router's RDT peer) are only killed."""
-    actors = list(dict.fromkeys(actors))  # each once (handles compare by actor id)
-    refs = []
-    for actor in actors:
-        with contextlib.suppress(Exception):  # no such method, or the actor is gone
-            refs.append(actor.shutdown.remote())
-    if refs:
-        # NOTE: ray.wait, not ray.get: a dead actor's error is read here and ends no other actor's wait.
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
-    for actor in actors:
-        with contextlib.suppress(Exception):
-            ray.kill(actor)
 
 
 def _gateway_config(cfg: ServiceConfig, index: int) -> GatewayConfig | None:

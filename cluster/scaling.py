@@ -27,6 +27,7 @@ from typing import Any
 import ray
 import torch
 
+from cluster.actors import end_actors
 from cluster.config import ElasticPolicy
 from cluster.eplb import ReplicaPolicy, desired_replicas, group_loads, pick_removal, place_replica, replica_shares
 from cluster.placement import Slot, as_slots
@@ -306,15 +307,10 @@ class Scaling:
                     log.warning("unloading %s from %s: %s", d["slot"], d["group"], e)
         self.state["draining"] = [d for d in self.state["draining"] if d not in done_drains]
         done_groups = [r for r in self.state["retiring"] if oldest >= r["version"] or now - r["since"] > self.policy.drain_timeout_s]
+        retired = [self._actor(r["group"]) for r in done_groups]
         for r in done_groups:
-            actor = self._actor(r["group"])
             self._handles.pop(r["group"], None)
-            if actor is not None:
-                try:
-                    ray.get(actor.shutdown.remote(), timeout=10)
-                except Exception:
-                    pass
-                ray.kill(actor)
+        end_actors([a for a in retired if a is not None], timeout_s=10.0)
         self.state["retiring"] = [r for r in self.state["retiring"] if r not in done_groups]
         if done_drains or done_groups:
             self._save()
