@@ -383,10 +383,10 @@ def test_group_that_stops_answering_under_traffic_loses_nothing(ray_local, trans
 def test_rdt_batch_computing_long_holds_no_health_ping(ray_local) -> None:
     """RDT: while one group computes a batch for seconds (well inside compute_timeout_s), every group
     still answers the router's pings and nothing is given up. Ray sends an actor one caller's calls in
-    order, each once its arguments are ready: a forward submitted before its rows were ready (or a
-    gather before its outputs were) would hold every later call from the router to that actor, pings
-    and the next batch's rows included, and the groups would read as silent. Both layers' batches
-    answer exactly over RDT."""
+    order, each once its arguments are ready: the other layer's batch, its rows waiting behind the held
+    batch's gather, would hold every later call from the router to each group it is sent to, pings
+    included, were its forwards submitted before its rows were ready. Both layers' batches answer
+    exactly over RDT."""
     dep, ref = _deploy("fordtslow", replicas=1, transport="rdt", supervisor=False)
     gen = torch.Generator().manual_seed(13)
     xs = [torch.randn(64, 32, generator=gen) for _ in range(2)]
