@@ -346,7 +346,8 @@ class RdtTransport(Transport):
                 log.info("resetting a collective member: %s", e)
 
     async def dispatch(self, batch: Batch) -> torch.Tensor:
-        routes, worker = self.routes, self.worker
+        # NOTE: taken now: a new table (update_table) may replace them while the rows are taken
+        routes, worker, groups = self.routes, self.worker, self.groups
         if routes is None:
             raise TransportError(transport=self.name, reason=self.unrouted or "collective group not built")
         if batch.groups is not self.groups and list(batch.groups) != self.groups:
@@ -359,9 +360,14 @@ class RdtTransport(Transport):
         refs = list(takes)
         try:
             await ready(takes)
-            y_refs = [getattr(self.groups[p.group], f"forward_{routes[p.group]}").remote(
-                batch.layer, list(p.experts), list(p.counts), rows, batch.trace) for p, rows in zip(batch.parts, takes)]
-            refs += y_refs
+            if self.worker is not worker:  # broken (or built again) meanwhile: these rows' group is gone
+                self._settle(refs)
+                raise TransportError(transport=self.name, reason="the collective group broke while the batch's rows were taken")
+            y_refs = []
+            for p, rows in zip(batch.parts, takes):
+                y_refs.append(getattr(groups[p.group], f"forward_{routes[p.group]}").remote(
+                    batch.layer, list(p.experts), list(p.counts), rows, batch.trace))
+                refs.append(y_refs[-1])
             y_np, y_dtype = await worker.gather.remote(*y_refs)
         except ray.exceptions.RayTaskError as e:
             self._settle(refs)
@@ -372,6 +378,8 @@ class RdtTransport(Transport):
             raise TransportError(transport=self.name, reason=str(e)) from e
         except asyncio.CancelledError:  # the router's watch giving up a dispatch to a silent group
             self._settle(refs)
+            raise
+        except TransportError:
             raise
         except Exception as e:  # a dead peer
             self._settle(refs)
