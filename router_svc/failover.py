@@ -107,9 +107,9 @@ class Failover:
                 # NOTE: a table adopted meanwhile renumbers the groups; these answers are of the old list.
                 if handles is self.groups:
                     self._set_dead({g for g, r in enumerate(results) if r is not True}, {g for g, r in enumerate(results) if r is False})
-                    if not self.dead:  # a path broken while a group was silent builds again now, not at the next batch
+                    if not self.dead:
                         for tname in self.chain:
-                            self.transports[tname].available()
+                            self.transports[tname].revive()
                 if self.gateway is not None:
                     await self.gateway.set_serving(self._all_slots_live())
             except asyncio.CancelledError:

@@ -81,6 +81,11 @@ class Transport(ABC):
         """False while the path is known broken (e.g. a collective group being rebuilt)."""
         return True
 
+    def revive(self) -> None:
+        """Every group answers pings again: a path broken while one was silent starts building again
+        now, not at the next batch. Called on the event loop: must not block."""
+        return None
+
     @abstractmethod
     async def dispatch(self, batch: Batch) -> torch.Tensor:
         """All parts, concurrently -> outputs (N, D) in the batch's row order. Raises TransportError."""

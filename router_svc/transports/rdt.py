@@ -8,7 +8,7 @@ group per backend. So the Router is the controller: it creates one group of a
 `DispatchWorker` (its data-holding peer) plus the expert groups, and drives
     worker.take(x) --RDT--> group.forward_<backend>(rows) --RDT--> worker.gather(ys)
 The batch reaches the worker and the result comes back through the object store.
-A group's forward is submitted only once its rows are ready (`ready`): Ray sends an actor the calls
+A group's forward is submitted only once its rows are ready (`refs_ready`): Ray sends an actor the calls
 of one caller in order, each once its arguments are, so a forward submitted with its rows still
 being taken (behind the last batch's gather, waiting on that batch's forwards) would hold every later
 call from the router to that group, health pings included, and the group would read as silent. The
@@ -53,7 +53,7 @@ UNROUTED_RETRY_S = 60.0
 # past Ray's wait for an RDT tensor that never arrives (a group's forward then fails) and one collective wait
 SETTLE_S = getattr(ray._private.ray_constants, "RDT_FETCH_FAIL_TIMEOUT_SECONDS", 60.0) + collective.COLLECTIVE_TIMEOUT_S
 SETTLE_POLL_S = 0.2
-# how often a thread waiting for refs to be ready (see `ready`) looks whether its wait was given up
+# how often a thread waiting for refs to be ready (see `refs_ready`) looks whether its wait was given up
 READY_SLICE_S = 1.0
 # the transfers whose failure kills no actor: gloo (CPU) and CUDA IPC (one-sided: the receiver maps the
 # sender's memory or fails; a group whose device then stalls reads as hung through compute_timeout_s and
@@ -100,7 +100,7 @@ class Unrouted(Exception):
     """RDT cannot reach the expert groups as Ray placed them (or the worker was not placed)."""
 
 
-async def ready(refs: Sequence[Any]) -> None:
+async def refs_ready(refs: Sequence[Any]) -> None:
     """Until every ref in `refs` is ready (a value or an error), without fetching it: an RDT tensor
     stays with the actor that holds it (awaiting one would fetch it into the router, which is in no
     collective group). Ray's wait blocks, so it runs on a thread of its own, a daemon (a wait given up
@@ -114,8 +114,8 @@ async def ready(refs: Sequence[Any]) -> None:
         try:
             while pending and not gone.is_set():
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=READY_SLICE_S, fetch_local=False)
-        except Exception as e:  # e.g. the worker shutting down
-            error = e
+        except BaseException as e:  # e.g. the worker shutting down; anything, lest the dispatch wait on forever
+            error = e if isinstance(e, Exception) else RuntimeError(f"the wait for the batch's refs ended: {e!r}")
         if not gone.is_set():
             try:
                 loop.call_soon_threadsafe(_settle_future, done, error)
@@ -235,6 +235,12 @@ class RdtTransport(Transport):
                 self._building = asyncio.get_running_loop().create_task(self._build())
         return False
 
+    def revive(self) -> None:
+        """Build again now if broken (see `available`); not where the last build found no route: that waits
+        for a batch (each try places a peer that may ask the cluster for a GPU share)."""
+        if self.unrouted is None:
+            self.available()
+
     async def start(self) -> None:
         await self._build()
 
@@ -311,6 +317,13 @@ class RdtTransport(Transport):
     async def _break(self, reason: str) -> None:
         await self._teardown(*self._detach(reason))
 
+    async def _break_if_current(self, worker: Any, reason: str) -> None:
+        """A batch sent through `worker` failed: tear down the group it used, unless it is gone already
+        (the failure surfaced after another batch's break, or after the health watch's rebuild: the
+        group now built is healthy and stays)."""
+        if self.worker is worker:
+            await self._break(reason)
+
     def _detach(self, reason: str) -> tuple[Any, Any, list[Any]]:
         if reason != "closing":
             log.warning("collective group broken (%s); destroying it, other transports serve meanwhile", reason)
@@ -359,7 +372,7 @@ class RdtTransport(Transport):
         takes = [getattr(worker, f"take_{routes[p.group]}").remote(x_ref, dtype, p.start, p.end) for p in batch.parts]
         refs = list(takes)
         try:
-            await ready(takes)
+            await refs_ready(takes)
             if self.worker is not worker:  # broken (or built again) meanwhile: these rows' group is gone
                 self._settle(refs)
                 raise TransportError(transport=self.name, reason="the collective group broke while the batch's rows were taken")
@@ -374,7 +387,7 @@ class RdtTransport(Transport):
             cause = e.as_instanceof_cause()
             if isinstance(cause, ValueError):
                 raise cause from None
-            await self._break(str(e))
+            await self._break_if_current(worker, str(e))
             raise TransportError(transport=self.name, reason=str(e)) from e
         except asyncio.CancelledError:  # the router's watch giving up a dispatch to a silent group
             self._settle(refs)
@@ -383,7 +396,7 @@ class RdtTransport(Transport):
             raise
         except Exception as e:  # a dead peer
             self._settle(refs)
-            await self._break(str(e))
+            await self._break_if_current(worker, str(e))
             raise TransportError(transport=self.name, reason=str(e)) from e
         return wire.from_numpy(y_np, y_dtype)
 
@@ -416,5 +429,8 @@ class RdtTransport(Transport):
         """Tear down what was built; the next use builds again after the short delay (a new table may
         have placed the groups where RDT reaches them)."""
         if self.routes is not None or self.worker is not None:
-            await self._break("closing")
+            # NOTE: as a teardown in the background (abandon's): a build started meanwhile (the health
+            # watch's, a batch's) waits for it instead of forming a group of members still in this one.
+            self._tearing = asyncio.get_running_loop().create_task(self._teardown(*self._detach("closing")))
+            await asyncio.shield(self._tearing)
         self._retry_s = REBUILD_DELAY_S

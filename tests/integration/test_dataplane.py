@@ -235,27 +235,30 @@ def _after(seconds: float, fail: bool = False) -> int:
     return 1
 
 
-def test_rdt_ready_waits_for_values_and_errors_and_its_thread_ends_when_given_up(ray_local) -> None:
-    """`ready` (the RDT dispatch's wait between stages) returns once every ref has a value or an error,
+def test_rdt_refs_ready_waits_for_values_and_errors_and_its_thread_ends_when_given_up(ray_local) -> None:
+    """`refs_ready` (the RDT dispatch's wait between stages) returns once every ref has a value or an error,
     not before; given up (cancelled), its waiting thread ends within READY_SLICE_S."""
     import asyncio
     import threading
 
-    from router_svc.transports.rdt import READY_SLICE_S, ready
+    from router_svc.transports.rdt import READY_SLICE_S, refs_ready
 
     def waiting() -> int:
         return sum(t.name == "rdt-ready" for t in threading.enumerate())
 
     async def scenario() -> float:
         t0 = time.monotonic()
-        await ready([_after.remote(0.5), _after.remote(0.2, fail=True)])
+        # the error last: a wait that took an error for not ready, or went on past it, fails here
+        await asyncio.wait_for(refs_ready([_after.remote(0.2), _after.remote(0.5, fail=True)]), timeout=20)
         took = time.monotonic() - t0
-        waiter = asyncio.ensure_future(ready([_after.remote(30.0)]))
+        slow = _after.remote(30.0)
+        waiter = asyncio.ensure_future(refs_ready([slow]))
         await asyncio.sleep(0.3)
         assert not waiter.done() and waiting() == 1
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+        ray.cancel(slow, force=True)
         return took
 
     took = asyncio.run(scenario())
