@@ -273,6 +273,7 @@ class ExpertGroup:
         if device == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
         collective.bound_waits()
+        collective.store_on_its_address()
         self.name = name
         self._stall_logged = False
         self.core = GroupCore(source, slots, device=device, dtype=dtype)

@@ -167,6 +167,7 @@ class DispatchWorker:
     def __init__(self, device: str) -> None:
         self.device = device
         collective.bound_waits()
+        collective.store_on_its_address()
 
     def where(self) -> dict[str, Any]:
         """Its node id and Ray GPU ids (as an expert group's `info()` gives them)."""

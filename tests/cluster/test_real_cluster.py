@@ -7,9 +7,12 @@ operator would run it; the deployment it leaves behind is called over gRPC with 
 and checked against LocalMoE on the same seeded weights.
 
 Notes on what Ray does here:
-- `--node-ip-address=127.0.0.1` is not kept as given: `ray start` swaps a loopback address
-  for the machine's routable one (`services.resolve_ip_for_localhost`), and the GCS listens
-  on all interfaces. `127.0.0.1:<port>` still reaches it, so that is what the CLI is given.
+- `ray start` would not keep `--node-ip-address=127.0.0.1`: it swaps a loopback address for
+  the machine's routable one (`services.resolve_ip_for_localhost`), and every server of the
+  node then listens on all interfaces. The nodes start through tests/helpers/ray_start.py,
+  `ray start` with that one function keeping the address, so every server of the cluster (and
+  of the deployment on it) is on loopback, which the tests check; drivers and the CLI join with
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's one-machine switch, which keeps 127.0.0.1 too).
 - Ray's token auth is on (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN) for the nodes and every driver.
 - Every port a node would otherwise take at its fixed default (ray client 10001, the
   dashboard agent 52365, ...) is given a free one, and the nodes write their sessions under
@@ -41,13 +44,14 @@ import yaml
 from expert_workers.errors import MoEServeError
 from router_svc.client import MoEClient
 from router_svc.local import LocalMoE
+from tests.helpers.sockets import not_on_loopback
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-RAY = str(BIN / "ray")
 MOE_SERVE = str(BIN / "moe-serve")
 REPO = Path(__file__).resolve().parents[2]
+RAY_START = [sys.executable, str(REPO / "tests" / "helpers" / "ray_start.py"), "start"]
 
 SPEC = dict(hidden_size=32, intermediate_size=48, num_experts=6, num_layers=2, moe_layers=[0, 1])
 SEED = 3
@@ -176,7 +180,7 @@ class RealCluster:
 def _start_node(role: str, args: list[str], log: Path, env: dict[str, str]) -> RayNode:
     f = open(log, "wb")
     try:
-        proc = subprocess.Popen([RAY, "start", "--block", *args], stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*RAY_START, "--block", *args], stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
     finally:
         f.close()
@@ -221,7 +225,7 @@ def _python(cluster: RealCluster, script: str, *args: str, timeout: float = CLI_
 def real_cluster():
     """A head and a worker node, 4 CPUs each, started with `ray start --block` in their own sessions."""
     temp_dir = tempfile.mkdtemp(prefix="mrc", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
-    drop = ("RAY_ADDRESS", "MOE_SERVE_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    drop = ("RAY_ADDRESS", "MOE_SERVE_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     base_env = {k: v for k, v in os.environ.items() if k not in drop}
     # Ray's own token auth, on for every node and every driver, with a token of this cluster's own: an explicit
     # address never turns it on in a driver by itself (Ray 2.60: only address=auto reads ~/.ray/auth_token for that).
@@ -229,7 +233,8 @@ def real_cluster():
     (gcs, client, dash, h_agent_http, h_agent_grpc, h_metrics, h_rtenv,
      w_agent_http, w_agent_grpc, w_metrics, w_rtenv) = _free_ports(11)
     address = f"127.0.0.1:{gcs}"
-    cluster = RealCluster(address=address, temp_dir=temp_dir, env={**base_env, "RAY_ADDRESS": address})
+    # NOTE: the nodes get base_env: a worker node refuses to join with the one-machine switch on.
+    cluster = RealCluster(address=address, temp_dir=temp_dir, env={**base_env, "RAY_ADDRESS": address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     t0 = time.monotonic()
     try:
@@ -246,6 +251,8 @@ def real_cluster():
             f"--runtime-env-agent-port={w_rtenv}", *common,
         ], Path(temp_dir) / "worker.out", base_env))
         cluster.node_info = _wait_for_nodes(cluster, 2)
+        assert [n["ip"] for n in cluster.node_info] == ["127.0.0.1", "127.0.0.1"], cluster.node_info
+        _assert_on_loopback(cluster)
         cluster.timings["cluster_start_s"] = time.monotonic() - t0
         print(f"[real-cluster] 2 nodes alive after {cluster.timings['cluster_start_s']:.1f} s: {cluster.node_info}")
         yield cluster
@@ -261,6 +268,14 @@ def real_cluster():
         assert all(node.proc.poll() is not None for node in cluster.nodes), "a `ray start --block` process is still running"
         assert not any(left.values()), f"processes left in the nodes' sessions: {left}"
         assert not escaped, f"processes of this cluster outside its sessions: {escaped}\n{logs}"
+
+
+def _assert_on_loopback(cluster: RealCluster) -> None:
+    """Every process of the nodes' sessions (GCS, raylets, agents, workers and the actors in them)
+    listens on loopback only."""
+    members = {pid: cmd for node in cluster.nodes for pid, cmd in _session_members(node.proc.pid)}
+    elsewhere = [(address, port, members.get(pid, pid)) for address, port, pid in not_on_loopback(members)]
+    assert members and not elsewhere, f"servers of the cluster listening beyond loopback (address, port, process): {elsewhere}"
 
 
 def _wait_for_nodes(cluster: RealCluster, want: int) -> list[dict]:
@@ -323,6 +338,7 @@ def test_up_status_down_on_a_real_two_node_cluster(real_cluster: RealCluster, tm
     m = re.search(r"^deployment (\S+) is SERVING$", r.stdout, re.M)
     assert m and m.group(1).startswith(f"{NAME}-"), _show(r)
     dep_name = m.group(1)
+    _assert_on_loopback(cluster)  # the deployment's too: gateway, data-plane servers, metrics
 
     # -- the gateway, against LocalMoE ---------------------------------------------------------
     ref = LocalMoE.from_config(SPEC, seed=SEED)

@@ -1,7 +1,7 @@
 """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`), bound to loopback.
 
-A head without CPUs and N worker raylets, every one on 127.0.0.1, so any node carrying groups or
-routers can be removed. The driver is connected for the duration and everything is stopped after.
+A head without CPUs and N worker raylets, every one on 127.0.0.1 (and checked: no process of theirs
+listens elsewhere), so any node carrying groups or routers can be removed. The driver is connected for the duration and everything is stopped after.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.deploy import one_machine_ray
+from tests.helpers.sockets import node_pids, only_loopback
 
 
 @contextlib.contextmanager
@@ -31,7 +32,9 @@ def local_cluster(workers: int = 3, cpus_per_worker: float = 3, namespace: str =
             nodes = [cluster.add_node(num_cpus=cpus_per_worker, node_ip_address="127.0.0.1") for _ in range(workers)]
             ray.init(address=cluster.address, namespace=namespace)
             cluster.wait_for_nodes()
-            yield cluster, nodes
+            # NOTE: the nodes of the moment: a test may add and remove them
+            with only_loopback(lambda: node_pids(cluster.head_node, *cluster.worker_nodes)):
+                yield cluster, nodes
         finally:
             ray.shutdown()
             cluster.shutdown()

@@ -12,7 +12,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 import ray
 import torch

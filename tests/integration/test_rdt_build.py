@@ -20,6 +20,7 @@ from expert_workers.group import CONCURRENCY_GROUPS, ExpertGroup
 from expert_workers.source import SourceSpec
 from expert_workers.spec import MoESpec
 from router_svc.transports.rdt import PEER_GPUS, REBUILD_DELAY_S, UNROUTED_RETRY_S, RdtTransport
+from tests.helpers.sockets import node_pids, only_loopback
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEC = MoESpec.from_dict(dict(hidden_size=16, intermediate_size=8, num_experts=4, num_layers=1, moe_layers=[0],
@@ -31,8 +32,11 @@ def ray_one_gpu():
     if ray.is_initialized():
         ray.shutdown()
     start_local_ray(num_cpus=8, num_gpus=1, include_dashboard=False, namespace="moe-serve-tests")
-    yield
-    ray.shutdown()
+    try:
+        with only_loopback(lambda: node_pids(ray._private.worker._global_node)):
+            yield
+    finally:
+        ray.shutdown()
 
 
 def _groups(n: int, num_gpus: float) -> list:

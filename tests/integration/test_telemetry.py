@@ -8,7 +8,6 @@ import json
 import os
 import urllib.request
 
-import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
